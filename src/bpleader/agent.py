@@ -1,0 +1,577 @@
+"""The HA loop: one small state machine that decides when this node's nodeos may produce.
+
+Every tick the agent observes (nodeos sync and paused state, one linearizable read of
+the producer's etcd prefix), publishes its node record, then runs the handler of its
+current role, which returns the next role and why. All roles and their transitions are
+in :meth:`Agent._step` and the ``_as_*`` handlers below; I/O lives behind the
+:class:`~bpleader.clock.Clock`, :class:`~bpleader.store.Store`, :class:`Nodeos` and
+:class:`Fencer` interfaces, so the deterministic simulation runs this same code.
+
+Roles::
+
+    STARTING --pause--> FOLLOWER --in sync, campaign--> CANDIDATE --lowest key--> TAKING_OVER
+    TAKING_OVER --delay, doppelganger, continuity, fencing check, resume--> LEADER
+    LEADER --out of sync / switchover / lost key--> FOLLOWER (pause, confirm, then resign)
+    any --lease about to run out while we may produce--> FOLLOWER (fence: pause now)
+    TAKING_OVER --own producer seen signing--> FENCED --quiet period--> FOLLOWER
+    any --maintenance key--> MAINTENANCE --key removed--> role matching etcd and nodeos
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, TypeVar
+
+from bpleader import __version__
+from bpleader.clock import Clock
+from bpleader.election import Session
+from bpleader.nodeos import ChainInfo, NodeosError, SyncEvaluator, SyncState
+from bpleader.store import Candidate, NodeRecord, Snapshot, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A block with timestamp T is produced in the slot before T, and a pause only takes
+# effect at the next slot start: blocks of a leader that paused just before we won may
+# carry timestamps up to one slot after that. Anything later than this is someone else.
+DOPPELGANGER_MARGIN = 0.6
+
+
+class Role(str, Enum):
+    STARTING = "starting"
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    TAKING_OVER = "taking_over"
+    LEADER = "leader"
+    FENCED = "fenced"
+    MAINTENANCE = "maintenance"
+    STOPPED = "stopped"
+
+
+class Nodeos(Protocol):
+    """The producer API calls the agent makes; ``budget`` bounds a call with its retries."""
+
+    async def get_info(self, budget: float | None = None) -> ChainInfo: ...
+
+    async def pause(self, budget: float | None = None) -> None: ...
+
+    async def resume(self, budget: float | None = None) -> None: ...
+
+    async def paused(self, budget: float | None = None) -> bool: ...
+
+
+class Fencer(Protocol):
+    """Pauses nodeos at ``pause_at`` (on the agent's clock) unless re-armed or disarmed.
+
+    It must act even when the agent's own calls are blocked: production runs it in a
+    thread and in a guard process; the simulation on its virtual clock.
+    """
+
+    def arm(self, pause_at: float) -> None: ...
+
+    def disarm(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node: str
+    producer: str
+    lease_ttl: int
+    keepalive_interval: float
+    fence_guard: float
+    takeover_delay: float
+    check_interval: float
+    nodeos_timeout: float
+    continuity_timeout: float
+    doppelganger_quiet: float
+    # A resume that keeps reading paused=true (Spring's implicit pause) is retried this
+    # often at most, so the agent reports it instead of looping on resume.
+    resume_retry: float = 10.0
+    shutdown_budget: float = 5.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    wall: float
+    info: ChainInfo | None
+    sync: SyncState
+    paused: bool | None  # None: nodeos did not answer
+    snap: Snapshot | None  # None: etcd did not answer
+
+
+@dataclass
+class AgentStats:
+    """Counters the metrics module exports and the tests assert on."""
+
+    transitions: int = 0
+    leader_changes: int = 0
+    corrections: int = 0
+    fences: Counter[str] = field(default_factory=Counter)
+    doppelgangers: int = 0
+    etcd_errors: int = 0
+    nodeos_errors: int = 0
+    resumes: int = 0
+    continuity_waits: int = 0
+    implicit_pauses: int = 0
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
+                 fencer: Fencer, sync: SyncEvaluator) -> None:
+        self.cfg = settings
+        self.clock = clock
+        self.store = store
+        self.nodeos = nodeos
+        self.fencer = fencer
+        self.sync = sync
+        self.session = Session(store, clock, settings.lease_ttl, settings.keepalive_interval,
+                               self._on_renew, self._context)
+        self.role = Role.STARTING
+        self.stats = AgentStats()
+        self.last: Observation | None = None
+        self._me: Candidate | None = None  # our election key, while we hold one
+        self._armed = False  # True while our nodeos may be unpaused by our doing
+        self._won_at = 0.0  # clock.now() when we became the lowest key
+        self._won_wall = 0.0
+        self._continuity_reported = False
+        self._quiet_until = 0.0
+        self._next_resume = 0.0
+        self._resigned_for_switchover = False
+        self._prev_leader_head = 0
+        self._unconfirmed_since: float | None = None
+
+    # ----------------------------------------------------------------- main loop
+
+    async def run(self, stop: asyncio.Event, on_tick: Callable[[], None] = lambda: None) -> bool:
+        """Run until ``stop`` is set; returns False when shutdown could not confirm a pause."""
+        keeper = asyncio.create_task(self.session.run())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                started = self.clock.now()
+                await self.tick()
+                on_tick()  # systemd's watchdog: only a loop that completes ticks is alive
+                wait = self.cfg.check_interval - (self.clock.now() - started)
+                if wait > 0:
+                    sleeper = asyncio.create_task(self.clock.sleep(wait))
+                    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    sleeper.cancel()
+        finally:
+            keeper.cancel()
+            stopper.cancel()
+        return await self.shutdown()
+
+    async def tick(self) -> None:
+        obs = await self._observe()
+        self.last = obs
+        await self._publish(obs)
+        role, reason = await self._step(obs)
+        self._transition(role, reason)
+
+    # ------------------------------------------------------------ state machine
+
+    async def _step(self, o: Observation) -> tuple[Role, str]:
+        """Transitions that hold in every role first, then the current role's handler."""
+        if self._armed and self._me is not None and not self.session.holds(
+                self._me.lease_id, o.now, self.cfg.fence_guard):
+            await self._fence("lease ends within the fence guard")
+            return Role.FOLLOWER, "fenced: lease about to run out"
+        if o.snap is not None and o.snap.maintenance is not None and self.role != Role.MAINTENANCE:
+            return Role.MAINTENANCE, f"maintenance on: {o.snap.maintenance}"
+        handler = {
+            Role.STARTING: self._as_starting,
+            Role.FOLLOWER: self._as_follower,
+            Role.CANDIDATE: self._as_candidate,
+            Role.TAKING_OVER: self._as_taking_over,
+            Role.LEADER: self._as_leader,
+            Role.FENCED: self._as_fenced,
+            Role.MAINTENANCE: self._as_maintenance,
+        }[self.role]
+        return await handler(o)
+
+    async def _as_starting(self, o: Observation) -> tuple[Role, str]:
+        """Whatever nodeos was doing before we started, it is paused before we campaign."""
+        if await self._pause_confirmed("start-up", self.cfg.nodeos_timeout * 2):
+            return Role.FOLLOWER, "started, nodeos paused"
+        return Role.STARTING, "start-up pause not confirmed yet"
+
+    async def _as_follower(self, o: Observation) -> tuple[Role, str]:
+        await self._reconcile_paused(o)
+        if self._me is not None:
+            return await self._release_when_paused(o)
+        why_not = self._why_not_campaign(o)
+        if why_not:
+            return Role.FOLLOWER, why_not
+        assert self.session.lease is not None
+        try:
+            self._me = await self.store.campaign(self.session.lease.id, self.cfg.node)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return Role.FOLLOWER, "campaign failed"
+        return Role.CANDIDATE, f"in sync, campaigning (revision {self._me.create_revision})"
+
+    async def _release_when_paused(self, o: Observation) -> tuple[Role, str]:
+        """Pause before release: an earlier step-down could not confirm the pause.
+
+        If nodeos stays unreachable (hung or dead) for a whole lease TTL, keeping the key
+        would block every other node forever. We stop renewing instead: the lease expires,
+        and the next leader resumes only if its doppelganger check sees no block of ours,
+        that is, only if this nodeos is really not producing. The fences stay armed.
+        """
+        if o.paused is True:
+            await self._release("paused now confirmed")
+            return Role.FOLLOWER, "released the election key"
+        if self._unconfirmed_since is None:
+            self._unconfirmed_since = o.now
+        elif o.now - self._unconfirmed_since > self.cfg.lease_ttl:
+            self._log("abandon_lease", "pause unconfirmed for a whole lease TTL; letting the "
+                      "lease expire", logging.ERROR)
+            self.session.abandon()
+            self._me = None
+            self._unconfirmed_since = None
+        return Role.FOLLOWER, "waiting for a confirmed pause to release the election key"
+
+    async def _as_candidate(self, o: Observation) -> tuple[Role, str]:
+        await self._reconcile_paused(o)
+        if not o.sync.in_sync:
+            await self._release(f"out of sync: {o.sync.reason}")
+            return Role.FOLLOWER, f"withdrew: {o.sync.reason}"
+        if o.snap is None:
+            return Role.CANDIDATE, "etcd unreachable"
+        if self._switchover_excludes_me(o.snap):
+            await self._release("switchover to another node")
+            return Role.FOLLOWER, f"withdrew for switchover to {o.snap.switchover or 'any'}"
+        assert self._me is not None
+        if o.snap.candidate(self._me.key) is None:
+            self._me = None
+            return Role.FOLLOWER, "election key gone"
+        if self._elected(o):
+            self._won_at, self._won_wall = o.now, o.wall
+            self._continuity_reported = False
+            return Role.TAKING_OVER, "elected: lowest create revision"
+        return Role.CANDIDATE, "waiting behind a lower key"
+
+    async def _as_taking_over(self, o: Observation) -> tuple[Role, str]:
+        self._arm()
+        if o.snap is not None and not self._elected(o):
+            return await self._step_down("lost the election key before resuming")
+        if not o.sync.in_sync:
+            return await self._step_down(f"out of sync: {o.sync.reason}")
+        await self._reconcile_paused(o)
+        if self._doppelganger(o):
+            return await self._doppelganger_alarm(o)
+        if o.now < self._won_at + self.cfg.takeover_delay:
+            return Role.TAKING_OVER, "takeover delay"
+        if not self._continuity_ok(o):
+            return Role.TAKING_OVER, "waiting for the previous leader's head"
+        if await self._resume_checked("takeover"):
+            return Role.LEADER, "resumed production"
+        return Role.TAKING_OVER, "resume not possible yet"
+
+    async def _as_leader(self, o: Observation) -> tuple[Role, str]:
+        if o.snap is not None and not self._elected(o):
+            return await self._step_down("no longer holds the lowest election key")
+        if not o.sync.in_sync:
+            return await self._step_down(f"out of sync: {o.sync.reason}")
+        if o.snap is not None and self._switchover_excludes_me(o.snap):
+            self._resigned_for_switchover = True
+            return await self._step_down(f"switchover to {o.snap.switchover or 'any node'}")
+        if o.snap is not None and o.snap.switchover == self.cfg.node:
+            await self._clear_switchover(self.cfg.node)
+        if o.paused is True and o.now >= self._next_resume:
+            # Restarted nodeos, a manual pause, or Spring's implicit pause: resume once,
+            # then only every resume_retry seconds, and say so.
+            self.stats.corrections += 1
+            if self.stats.resumes:
+                self.stats.implicit_pauses += 1
+            self._log("leader_paused", "nodeos reads paused while leader; resuming",
+                      logging.WARNING)
+            await self._resume_checked("reconcile")
+            self._next_resume = self.clock.now() + self.cfg.resume_retry
+        return Role.LEADER, "producing"
+
+    async def _as_fenced(self, o: Observation) -> tuple[Role, str]:
+        await self._reconcile_paused(o)
+        if o.now >= self._quiet_until:
+            return Role.FOLLOWER, "doppelganger quiet period over"
+        return Role.FENCED, "doppelganger quiet period"
+
+    async def _as_maintenance(self, o: Observation) -> tuple[Role, str]:
+        """Hands off nodeos: no reconcile, no resume, no pause (the fence stays armed)."""
+        if o.snap is None or o.snap.maintenance is not None:
+            return Role.MAINTENANCE, "maintenance"
+        if self._me is None or o.snap.candidate(self._me.key) is None:
+            self._me = None
+            return Role.FOLLOWER, "maintenance over"
+        if not self._elected(o):
+            return Role.CANDIDATE, "maintenance over"
+        if o.paused is False and self._armed:
+            return Role.LEADER, "maintenance over, still producing"
+        self._won_at, self._won_wall = o.now, o.wall
+        return Role.TAKING_OVER, "maintenance over, elected"
+
+    # ----------------------------------------------------------------- helpers
+
+    def _why_not_campaign(self, o: Observation) -> str:
+        """Empty when this node may seek the lock (layer 1: only while in sync)."""
+        if not o.sync.in_sync:
+            return f"not campaigning: {o.sync.reason}"
+        if o.paused is not True:
+            return "not campaigning: nodeos pause not confirmed"
+        if o.snap is None:
+            return "not campaigning: etcd unreachable"
+        if self.session.lease is None or \
+                self.session.remaining(o.now) <= self.cfg.fence_guard:
+            return "not campaigning: no lease"
+        if o.now < self._quiet_until:
+            return "not campaigning: doppelganger quiet period"
+        if self._switchover_excludes_me(o.snap):
+            return "not campaigning: switchover in progress"
+        self._resigned_for_switchover = False
+        return ""
+
+    def _switchover_excludes_me(self, snap: Snapshot) -> bool:
+        target = snap.switchover
+        if target is None or target == self.cfg.node:
+            return False
+        # "" means any node but the leader that is handing over.
+        return target != "" or self._resigned_for_switchover or self.role == Role.LEADER
+
+    def _elected(self, o: Observation) -> bool:
+        """We hold the lowest create revision, on our live lease."""
+        me = self._me
+        return (me is not None and o.snap is not None and o.snap.leader is not None
+                and o.snap.leader.key == me.key
+                and o.snap.leader.create_revision == me.create_revision
+                and self.session.holds(me.lease_id, o.now, self.cfg.fence_guard))
+
+    def _doppelganger(self, o: Observation) -> bool:
+        """Layer 7: a block by our producer newer than our win, while we are paused."""
+        return (o.info is not None and o.info.head_block_producer == self.cfg.producer
+                and o.info.head_block_time > self._won_wall + DOPPELGANGER_MARGIN)
+
+    def _continuity_ok(self, o: Observation) -> bool:
+        """Layer 10: build on the newest head the previous leader published."""
+        head = o.info.head_block_num if o.info else 0
+        if head >= self._prev_leader_head:
+            return True
+        if not self._continuity_reported and \
+                o.now > self._won_at + self.cfg.takeover_delay + self.cfg.continuity_timeout:
+            self._continuity_reported = True
+            self.stats.continuity_waits += 1
+            self._log("continuity_timeout", f"own head {head} still below the previous "
+                      f"leader's {self._prev_leader_head}; not resuming", logging.ERROR)
+        return False
+
+    async def _resume_checked(self, why: str) -> bool:
+        """Layer 6: re-check etcd in this step, with enough lease left for the resume."""
+        me = self._me
+        needed = self.cfg.fence_guard + self.cfg.nodeos_timeout
+        if me is None or not self.session.holds(me.lease_id, self.clock.now(), needed):
+            return False
+        self._arm()
+        try:
+            still_leader = await self.store.confirm_leader(me)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return False
+        if not still_leader:
+            self._log("fencing_check", "etcd no longer names us leader; not resuming")
+            return False
+        if not self.session.holds(me.lease_id, self.clock.now(), needed):
+            return False
+        try:
+            await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
+        except NodeosError as exc:
+            self._nodeos_error(exc)
+            return False
+        self.stats.resumes += 1
+        self._log("resumed", why)
+        if not self.session.holds(me.lease_id, self.clock.now(), self.cfg.fence_guard):
+            # We stalled between the check and the resume (a freeze): undo it at once.
+            await self._fence("stalled while resuming")
+            return False
+        return True
+
+    async def _step_down(self, reason: str) -> tuple[Role, str]:
+        """Layer 4: pause, confirm, and only then delete the election key."""
+        if await self._pause_confirmed(reason, self.cfg.fence_guard):
+            await self._release(reason)
+        return Role.FOLLOWER, f"stepped down: {reason}"
+
+    async def _doppelganger_alarm(self, o: Observation) -> tuple[Role, str]:
+        assert o.info is not None
+        self.stats.doppelgangers += 1
+        self._quiet_until = o.now + self.cfg.doppelganger_quiet
+        self._log("doppelganger", f"block {o.info.head_block_num} signed by "
+                  f"{self.cfg.producer} at {o.info.head_block_time:.1f} after we won at "
+                  f"{self._won_wall:.1f}: another node produces with our key",
+                  logging.CRITICAL)
+        await self._step_down("doppelganger detected")
+        return Role.FENCED, "doppelganger detected; quiet period"
+
+    async def _fence(self, reason: str) -> None:
+        """Pause now, whatever etcd says; the key is released once the pause is confirmed."""
+        self.stats.fences[reason] += 1
+        self._log("fence", reason, logging.WARNING)
+        if await self._pause_confirmed(reason, self.cfg.nodeos_timeout):
+            await self._release(reason)
+
+    async def _release(self, reason: str) -> None:
+        """Delete our election key; only ever called with nodeos confirmed paused."""
+        self._disarm()
+        self._unconfirmed_since = None
+        me, self._me = self._me, None
+        if me is None:
+            return
+        try:
+            await self.store.resign(me)
+        except StoreError as exc:
+            self._etcd_error(exc)  # the key goes with the lease in the worst case
+        self._log("resigned", reason)
+
+    async def _pause_confirmed(self, reason: str, budget: float) -> bool:
+        """Pause and read back ``paused``; True only when nodeos confirms."""
+        deadline = self.clock.now() + max(budget, self.cfg.nodeos_timeout)
+        while True:
+            left = deadline - self.clock.now()
+            try:
+                await self.nodeos.pause(budget=max(left, 0.05))
+                if await self.nodeos.paused(budget=max(deadline - self.clock.now(), 0.05)):
+                    self._disarm()
+                    return True
+            except NodeosError as exc:
+                self._nodeos_error(exc)
+            if self.clock.now() >= deadline:
+                self._log("pause_unconfirmed", reason, logging.ERROR)
+                return False
+            await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.now())))
+
+    async def _reconcile_paused(self, o: Observation) -> None:
+        """Layer 9: a node that is not leader must read paused; correct and count it."""
+        if o.paused is False:
+            self.stats.corrections += 1
+            self._log("correction", "nodeos unpaused while not leader; pausing",
+                      logging.WARNING)
+            await self._pause_confirmed("reconcile", self.cfg.nodeos_timeout)
+
+    async def _clear_switchover(self, target: str) -> None:
+        try:
+            await self.store.clear_switchover(target)
+        except StoreError as exc:
+            self._etcd_error(exc)
+
+    async def shutdown(self) -> bool:
+        """Pause, confirm, then resign and revoke. Without confirmation, release nothing:
+        the fence and the guard process act at the lease deadline instead."""
+        if not await self._pause_confirmed("shutdown", self.cfg.shutdown_budget):
+            self._log("shutdown", "pause not confirmed: leaving the lease to expire",
+                      logging.ERROR)
+            self._transition(Role.STOPPED, "stopped without confirmed pause")
+            return False
+        await self._release("shutdown")
+        lease = self.session.abandon()
+        if lease is not None:
+            try:
+                await self.store.revoke(lease.id)
+            except StoreError as exc:
+                self._etcd_error(exc)
+        self._transition(Role.STOPPED, "stopped, nodeos paused")
+        return True
+
+    # ------------------------------------------------------ observation & record
+
+    async def _observe(self) -> Observation:
+        info_r, paused_r, snap_r = await asyncio.gather(
+            self.nodeos.get_info(budget=self.cfg.nodeos_timeout),
+            self.nodeos.paused(budget=self.cfg.nodeos_timeout),
+            self.store.snapshot(), return_exceptions=True)
+        now, wall = self.clock.now(), self.clock.wall()
+        info = self._ok(info_r, ChainInfo)
+        paused = self._ok(paused_r, bool)
+        snap = self._ok(snap_r, Snapshot)
+        sync = self.sync.observe(wall, now, info,
+                                 info_r if isinstance(info_r, NodeosError) else None)
+        if snap is not None:
+            for rec in snap.records.values():
+                if rec.valid and rec.role == Role.LEADER.value and rec.node != self.cfg.node:
+                    self._prev_leader_head = max(self._prev_leader_head, rec.head_block_num)
+        return Observation(now, wall, info, sync, paused, snap)
+
+    def _ok(self, result: object, kind: type[T]) -> T | None:
+        if isinstance(result, kind):
+            return result
+        if isinstance(result, NodeosError):
+            self._nodeos_error(result)
+        elif isinstance(result, StoreError):
+            self._etcd_error(result)
+        elif isinstance(result, BaseException):
+            raise result
+        return None
+
+    async def _publish(self, o: Observation) -> None:
+        lease = self.session.lease
+        if lease is None or o.snap is None:
+            return
+        record = NodeRecord(
+            node=self.cfg.node, role=self.role.value, in_sync=o.sync.in_sync,
+            head_block_num=o.info.head_block_num if o.info else 0,
+            lag=round(o.sync.lag, 3) if o.sync.lag is not None else None,
+            paused=o.paused, version=__version__, updated=round(o.wall, 3))
+        try:
+            await self.store.publish(record, lease.id)
+        except StoreError as exc:
+            self._etcd_error(exc)
+
+    # ---------------------------------------------------------- fence plumbing
+
+    def _arm(self) -> None:
+        self._armed = True
+        if self.session.deadline is not None:
+            self.fencer.arm(self.session.deadline - self.cfg.fence_guard)
+
+    def _disarm(self) -> None:
+        if self._armed:
+            self._armed = False
+            self.fencer.disarm()
+
+    def _on_renew(self, deadline: float) -> None:
+        # Only the lease our election key hangs on may push the fence out.
+        lease = self.session.lease
+        if self._armed and self._me is not None and lease is not None \
+                and lease.id == self._me.lease_id:
+            self.fencer.arm(deadline - self.cfg.fence_guard)
+
+    # ---------------------------------------------------------------- logging
+
+    def _transition(self, role: Role, reason: str) -> None:
+        if role != self.role:
+            self.stats.transitions += 1
+            old, self.role = self.role, role
+            if Role.LEADER in (old, role):
+                self.stats.leader_changes += 1
+            self._log("transition", f"{old.value} -> {role.value}: {reason}")
+
+    def _context(self) -> str:
+        lease = self.session.lease
+        lease_text = f"{lease.id:x}" if lease else "none"
+        return f"node={self.cfg.node} role={self.role.value} lease={lease_text}"
+
+    def _log(self, event: str, reason: str, level: int = logging.INFO) -> None:
+        log.log(level, "%s event=%s reason=%r", self._context(), event, reason)
+
+    def _etcd_error(self, exc: StoreError) -> None:
+        self.stats.etcd_errors += 1
+        self._log("etcd_error", exc.reason if exc.op == "" else f"{exc.op}: {exc.reason}",
+                  logging.WARNING)
+
+    def _nodeos_error(self, exc: NodeosError) -> None:
+        self.stats.nodeos_errors += 1
+        self._log("nodeos_error", str(exc), logging.WARNING)

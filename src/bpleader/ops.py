@@ -1,0 +1,154 @@
+"""Operator commands: ``status``, ``switchover`` and ``maintenance``.
+
+They read and write the same keys the agents use (see :class:`bpleader.store.Keys`), so
+anything they show can be checked with ``etcdctl get --prefix``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from bpleader.config import Config
+from bpleader.service import make_store
+from bpleader.store import EtcdStore, Snapshot, StoreError
+
+
+async def _lease_left(store: EtcdStore, lease_id: int) -> int | None:
+    try:
+        return await store.lease_remaining(lease_id)
+    except StoreError:
+        return None
+
+
+async def status_data(store: EtcdStore) -> dict[str, Any]:
+    snap = await store.snapshot()
+    leader = snap.leader
+    nodes = []
+    for name, rec in sorted(snap.records.items()):
+        nodes.append({
+            "node": name, "valid": rec.valid, "role": rec.role, "in_sync": rec.in_sync,
+            "head_block_num": rec.head_block_num, "lag": rec.lag, "paused": rec.paused,
+            "version": rec.version, "updated": rec.updated,
+            "lease_left": await _lease_left(store, rec.lease_id) if rec.lease_id else None,
+        })
+    return {
+        "producer": store.keys.producer,
+        "leader": leader.node if leader else None,
+        "candidates": [{"node": c.node, "key": c.key, "create_revision": c.create_revision,
+                        "lease": f"{c.lease_id:x}"} for c in snap.candidates],
+        "nodes": nodes,
+        "switchover": snap.switchover,
+        "maintenance": snap.maintenance,
+        "revision": snap.revision,
+    }
+
+
+def _print_status(data: dict[str, Any], out: TextIO) -> None:
+    out.write(f"producer:    {data['producer']}\n")
+    out.write(f"leader:      {data['leader'] or 'NONE'}\n")
+    if data["maintenance"] is not None:
+        out.write(f"maintenance: ON ({data['maintenance']})\n")
+    if data["switchover"] is not None:
+        out.write(f"switchover:  requested to {data['switchover'] or 'any node'}\n")
+    out.write("candidates:  " + (", ".join(
+        f"{c['node']} (rev {c['create_revision']})" for c in data["candidates"]) or "none") + "\n")
+    out.write(f"\n{'NODE':<16} {'ROLE':<12} {'IN SYNC':<8} {'HEAD':>10} {'LAG':>7} "
+              f"{'PAUSED':<7} {'LEASE':>6}\n")
+    for n in data["nodes"]:
+        if not n["valid"]:
+            out.write(f"{n['node']:<16} (unreadable record)\n")
+            continue
+        lag = f"{n['lag']:.1f}s" if n["lag"] is not None else "-"
+        lease = f"{n['lease_left']}s" if n["lease_left"] is not None else "-"
+        out.write(f"{n['node']:<16} {n['role']:<12} {str(n['in_sync']).lower():<8} "
+                  f"{n['head_block_num']:>10} {lag:>7} {str(n['paused']).lower():<7} "
+                  f"{lease:>6}\n")
+
+
+def status_command(cfg: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Exit 0 when exactly one leader holds the election, 1 when none, 2 on etcd errors."""
+    store = make_store(cfg)
+    try:
+        data = asyncio.run(status_data(store))
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    if as_json:
+        out.write(json.dumps(data, indent=2) + "\n")
+    else:
+        _print_status(data, out)
+    return 0 if data["leader"] else 1
+
+
+def _switchover_refusal(snap: Snapshot, target: str | None) -> str:
+    """Why a switchover cannot work now; empty when it can."""
+    if snap.maintenance is not None:
+        return f"maintenance is on ({snap.maintenance})"
+    leader = snap.leader
+    if leader is None:
+        return "there is no leader to hand over from"
+    in_sync = {n for n, r in snap.records.items() if r.valid and r.in_sync}
+    if target is not None:
+        if target == leader.node:
+            return f"{target} is already the leader"
+        if target not in snap.records:
+            return f"no agent named {target} is running"
+        if target not in in_sync:
+            return f"{target} is not in sync"
+        return ""
+    if not in_sync - {leader.node}:
+        return "no other node is in sync"
+    return ""
+
+
+async def _switchover(store: EtcdStore, target: str | None, ttl: int,
+                      wait: float) -> tuple[int, str]:
+    snap = await store.snapshot()
+    why = _switchover_refusal(snap, target)
+    if why:
+        return 1, f"switchover refused: {why}"
+    old = snap.leader
+    assert old is not None
+    await store.request_switchover(target or "", ttl)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        now = await store.snapshot()
+        new = now.leader
+        rec = now.records.get(new.node) if new else None
+        if new and new.node != old.node and rec is not None and rec.role == "leader" \
+                and rec.paused is False:
+            return 0, f"switchover done: {old.node} -> {new.node}"
+    return 1, f"switchover requested, but no new leader producing within {wait:.0f} s"
+
+
+def switchover_command(cfg: Config, target: str | None, wait: float = 30.0) -> int:
+    store = make_store(cfg)
+    ttl = max(10, int(cfg.timing.lease_ttl) * 3)
+    try:
+        code, message = asyncio.run(_switchover(store, target, ttl, wait))
+    except StoreError as exc:
+        code, message = 2, f"error: {exc}"
+    finally:
+        store.close()
+    print(message, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def maintenance_command(cfg: Config, on: bool, reason: str | None) -> int:
+    store = make_store(cfg)
+    try:
+        asyncio.run(store.set_maintenance((reason or "maintenance") if on else None))
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"maintenance {'on' if on else 'off'} for {cfg.node.producer}")
+    return 0

@@ -1,0 +1,109 @@
+"""Production wiring of ``bpleader agent``: real clocks, etcd, nodeos, fences, signals.
+
+The decision core (:mod:`bpleader.agent`) knows none of this; this module builds its
+collaborators from the configuration and runs it as a daemon under systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from bpleader.agent import Agent, AgentSettings
+from bpleader.clock import SystemClock, boottime
+from bpleader.config import Config
+from bpleader.fence import Fences, GuardProcess, ThreadFence, pause_confirmed
+from bpleader.metrics import Metrics
+from bpleader.nodeos import NodeosClient, SyncEvaluator
+from bpleader.store import EtcdSettings, EtcdStore, Keys
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # gRPC and httpx chatter is not what an operator needs at 3 a.m.
+    for noisy in ("httpx", "httpcore", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notify protocol (READY=1, WATCHDOG=1, ...); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("event=sd_notify_failed reason=%r", str(exc))
+
+
+def etcd_timeout(cfg: Config) -> float:
+    """Per-request etcd timeout: short enough for several renewals before the fence."""
+    return max(0.2, min(1.0, cfg.timing.keepalive_interval))
+
+
+def make_store(cfg: Config) -> EtcdStore:
+    e = cfg.etcd
+    settings = EtcdSettings(tuple(e.endpoints), etcd_timeout(cfg), e.ca_cert, e.cert, e.key,
+                            e.username, e.password)
+    return EtcdStore(settings, Keys(e.prefix, cfg.node.producer))
+
+
+def agent_settings(cfg: Config) -> AgentSettings:
+    t = cfg.timing
+    return AgentSettings(
+        node=cfg.node.name, producer=cfg.node.producer, lease_ttl=int(t.lease_ttl),
+        keepalive_interval=t.keepalive_interval, fence_guard=t.fence_guard,
+        takeover_delay=t.takeover_delay, check_interval=t.check_interval,
+        nodeos_timeout=cfg.nodeos.timeout, continuity_timeout=t.continuity_timeout,
+        doppelganger_quiet=t.doppelganger_quiet)
+
+
+async def run_agent(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT; exit status 0 only when nodeos was left confirmed paused."""
+    settings = agent_settings(cfg)
+    node = cfg.node.name
+    url, timeout = cfg.nodeos.url, cfg.nodeos.timeout
+    guard = GuardProcess(url, timeout, cfg.timing.check_interval, node)
+    guard.start()
+    # The thread's pause must finish before the lease ends: the fence guard bounds it.
+    thread = ThreadFence(lambda: pause_confirmed(url, timeout, cfg.timing.fence_guard),
+                         boottime, lambda: f"node={node} role=fence")
+    store = make_store(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics: Metrics | None = None
+
+    def observe(call: str, seconds: float, error: str | None) -> None:
+        if metrics is not None:
+            metrics.observe_nodeos(call, seconds, error)
+
+    async with NodeosClient(url, timeout, on_request=observe) as nodeos:
+        agent = Agent(settings, SystemClock(), store, nodeos, Fences(thread, guard),
+                      SyncEvaluator(cfg.nodeos.max_head_lag, cfg.nodeos.chain_id))
+        metrics = Metrics(agent, cfg.metrics.listen)
+        metrics.start()
+        log.info("node=%s role=starting event=metrics_listening port=%d", node, metrics.port)
+        log.info("node=%s role=starting event=start producer=%s etcd=%s nodeos=%s",
+                 node, cfg.node.producer, ",".join(cfg.etcd.endpoints), url)
+        sd_notify("READY=1")
+        try:
+            clean = await agent.run(stop, on_tick=lambda: sd_notify("WATCHDOG=1"))
+        finally:
+            sd_notify("STOPPING=1")
+            metrics.stop()
+            store.close()
+    guard.stop()
+    return 0 if clean else 1

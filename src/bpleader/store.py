@@ -1,0 +1,459 @@
+"""The coordination store: the etcd key layout and the few operations the agent needs.
+
+The agent core talks to a :class:`Store`, never to etcd directly, so that the
+deterministic simulation can hand it a model of etcd instead (as Patroni splits its HA
+loop from its DCS classes). :class:`EtcdStore` is the production implementation on
+``pyetcd`` (etcd-sdk-python).
+
+Every read that decides leadership or a resume is linearizable: ``pyetcd`` range requests
+are linearizable unless ``serializable=True`` is asked for, and this module never asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A value written by someone else under our prefix is never trusted to be small.
+MAX_RECORD_BYTES = 4096
+
+
+class StoreError(Exception):
+    """Any failure to talk to the store; ``reason`` is one readable line without secrets."""
+
+    def __init__(self, op: str, reason: str) -> None:
+        super().__init__(f"etcd {op}: {reason}")
+        self.op = op
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key layout under ``{prefix}/{producer}/`` (see DESIGN.md), in one place."""
+
+    prefix: str
+    producer: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/{self.producer}/"
+
+    @property
+    def election(self) -> str:
+        return f"{self.root}election/"
+
+    def candidate(self, lease_id: int) -> str:
+        # Same naming as etcd's concurrency.Election, so `etcdctl elect -l` understands it.
+        return f"{self.election}{lease_id:x}"
+
+    def node(self, name: str) -> str:
+        return f"{self.root}nodes/{name}"
+
+    @property
+    def switchover(self) -> str:
+        return f"{self.root}switchover"
+
+    @property
+    def maintenance(self) -> str:
+        return f"{self.root}maintenance"
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: int
+    ttl: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One key in the election prefix; the lowest create revision leads."""
+
+    key: str
+    node: str
+    lease_id: int
+    create_revision: int
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """The status an agent publishes under ``nodes/{node}``; parsed defensively."""
+
+    node: str
+    role: str = "unknown"
+    in_sync: bool = False
+    head_block_num: int = 0
+    lag: float | None = None
+    paused: bool | None = None
+    version: str = ""
+    updated: float = 0.0
+    lease_id: int = 0
+    valid: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "role": self.role,
+                "in_sync": self.in_sync,
+                "head_block_num": self.head_block_num,
+                "lag": self.lag,
+                "paused": self.paused,
+                "version": self.version,
+                "updated": self.updated,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def parse(cls, node: str, raw: bytes, lease_id: int = 0) -> NodeRecord:
+        """Never raises: a garbage record is kept, marked invalid, and trusted for nothing."""
+        try:
+            if len(raw) > MAX_RECORD_BYTES:
+                raise ValueError("record too large")
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            lag = data.get("lag")
+            paused = data.get("paused")
+            return cls(
+                node=node,
+                role=_typed(data, "role", str, "unknown"),
+                in_sync=_typed(data, "in_sync", bool, False),
+                head_block_num=max(0, _typed(data, "head_block_num", int, 0)),
+                lag=float(lag) if isinstance(lag, int | float) and not isinstance(lag, bool)
+                else None,
+                paused=paused if isinstance(paused, bool) else None,
+                version=_typed(data, "version", str, "")[:64],
+                updated=float(_typed(data, "updated", float, 0.0)),
+                lease_id=lease_id,
+            )
+        except (ValueError, TypeError, RecursionError, UnicodeDecodeError):
+            return cls(node=node, lease_id=lease_id, valid=False)
+
+
+def _typed(data: Mapping[str, Any], name: str, kind: type[T], default: T) -> T:
+    value = data.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # type: ignore[return-value]
+    if isinstance(value, bool) and kind is not bool:
+        return default
+    return value if isinstance(value, kind) else default
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything under the producer's prefix, read at one revision."""
+
+    revision: int
+    candidates: tuple[Candidate, ...]  # sorted by create revision: [0] leads
+    records: Mapping[str, NodeRecord] = field(default_factory=dict)
+    switchover: str | None = None  # None: no switchover asked; "": to any node
+    maintenance: str | None = None
+
+    @property
+    def leader(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def candidate(self, key: str) -> Candidate | None:
+        return next((c for c in self.candidates if c.key == key), None)
+
+
+def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, int]]) -> Snapshot:
+    """Build a :class:`Snapshot` from raw (key, value, create_revision, lease) tuples.
+
+    Pure, so the simulated store and fuzz tests share it with production.
+    """
+    candidates: list[Candidate] = []
+    records: dict[str, NodeRecord] = {}
+    switchover: str | None = None
+    maintenance: str | None = None
+    for key, value, create_revision, lease_id in kvs:
+        text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
+        if key.startswith(keys.election):
+            # Any key here is a candidate, as for etcd's own Election: a foreign key
+            # with the lowest revision blocks everyone, which is the safe outcome.
+            candidates.append(Candidate(key, text[:128], lease_id, create_revision))
+        elif key.startswith(keys.root + "nodes/"):
+            name = key[len(keys.root + "nodes/"):]
+            records[name] = NodeRecord.parse(name, value, lease_id)
+        elif key == keys.switchover:
+            switchover = text.strip()[:128]
+        elif key == keys.maintenance:
+            maintenance = text.strip()[:512] or "on"
+    candidates.sort(key=lambda c: c.create_revision)
+    return Snapshot(revision, tuple(candidates), records, switchover, maintenance)
+
+
+class Store(Protocol):
+    """The operations the agent core needs from etcd."""
+
+    keys: Keys
+
+    async def grant(self, ttl: int) -> Lease: ...
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Renew; returns the granted TTL, 0 when the lease no longer exists."""
+        ...
+
+    async def revoke(self, lease_id: int) -> None: ...
+
+    async def snapshot(self) -> Snapshot:
+        """A linearizable read of the whole producer prefix."""
+        ...
+
+    async def campaign(self, lease_id: int, node: str) -> Candidate:
+        """Create our election key on the lease (or find the one we made before)."""
+        ...
+
+    async def confirm_leader(self, me: Candidate) -> bool:
+        """One transaction: our key still exists with its create revision and is the lowest."""
+        ...
+
+    async def resign(self, me: Candidate) -> None:
+        """Delete our election key, only if it is still ours."""
+        ...
+
+    async def publish(self, record: NodeRecord, lease_id: int) -> None: ...
+
+    async def clear_switchover(self, target: str) -> None:
+        """Delete the switchover request, only if it still names ``target``."""
+        ...
+
+
+def endpoint_parts(url: str) -> tuple[str, int, bool]:
+    """Split ``https://host:2379`` into host, port and whether it is TLS."""
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        raise ValueError(f"bad etcd endpoint {url!r}")
+    return parts.hostname, parts.port or 2379, parts.scheme == "https"
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...]
+    timeout: float
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+class EtcdStore:
+    """:class:`Store` on etcd v3 through ``pyetcd``, with failover between members.
+
+    ``pyetcd`` is synchronous and marks a member failed only after a call to it failed,
+    without retrying that call; so each operation runs in a worker thread with a gRPC
+    timeout, and the callers retry on the next tick or keepalive. A failed member is
+    tried again after ``retry_member_after`` seconds (pyetcd's own default is 300 s).
+    """
+
+    def __init__(self, settings: EtcdSettings, keys: Keys, retry_member_after: float = 2.0):
+        self.keys = keys
+        self._settings = settings
+        self._retry_member_after = retry_member_after
+        self._client: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="etcd")
+
+    def _connect(self) -> Any:
+        import grpc
+        import pyetcd
+
+        s = self._settings
+        creds = None
+        if s.ca_cert:
+            with open(s.ca_cert, "rb") as f:
+                ca = f.read()
+            key = cert = None
+            if s.cert and s.key:
+                with open(s.key, "rb") as f:
+                    key = f.read()
+                with open(s.cert, "rb") as f:
+                    cert = f.read()
+            creds = grpc.ssl_channel_credentials(ca, key, cert)
+        endpoints = []
+        for url in s.endpoints:
+            host, port, secure = endpoint_parts(url)
+            endpoints.append(
+                pyetcd.Endpoint(
+                    host, port, secure=secure, creds=creds if secure else None,
+                    time_retry=self._retry_member_after,
+                )
+            )
+        return pyetcd.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=s.timeout,
+            user=s.username, password=s.password, failover=True,
+        )
+
+    def _call(self, op: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(client)`` and turn every failure into a :class:`StoreError`."""
+        try:
+            if self._client is None:
+                self._client = self._connect()
+            return fn(self._client)
+        except Exception as exc:
+            reason = describe_error(exc)
+            if _needs_reconnect(reason):
+                self._drop_client()
+            raise StoreError(op, reason) from None
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    async def _run(self, op: str, fn: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, self._call, op, fn)
+        try:
+            # gRPC enforces the timeout; the outer bound only guards against a stuck thread.
+            return await asyncio.wait_for(future, self._settings.timeout * 2 + 1.0)
+        except TimeoutError:
+            raise StoreError(op, f"no answer within {self._settings.timeout:.2f} s") from None
+
+    async def grant(self, ttl: int) -> Lease:
+        lease = await self._run("grant", lambda c: c.lease(ttl))
+        return Lease(int(lease.id), int(lease.ttl))
+
+    async def keepalive(self, lease_id: int) -> int:
+        def renew(c: Any) -> int:
+            responses = list(c.refresh_lease(lease_id))
+            return int(responses[0].TTL) if responses else 0
+
+        return await self._run("keepalive", renew)
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self._run("revoke", lambda c: c.revoke_lease(lease_id))
+        except StoreError as exc:
+            if "lease not found" not in exc.reason:
+                raise  # an expired lease is as revoked as it gets
+
+    async def snapshot(self) -> Snapshot:
+        def read(c: Any) -> Snapshot:
+            resp = c.get_prefix_response(self.keys.root)
+            kvs = [(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.create_revision,
+                    kv.lease) for kv in resp.kvs]
+            return parse_snapshot(self.keys, resp.header.revision, kvs)
+
+        return await self._run("snapshot", read)
+
+    async def campaign(self, lease_id: int, node: str) -> Candidate:
+        key = self.keys.candidate(lease_id)
+
+        def create(c: Any) -> Candidate:
+            t = c.transactions
+            ok, responses = c.transaction(
+                compare=[t.create(key) == 0],
+                success=[t.put(key, node, lease_id)],
+                failure=[t.get(key)],
+            )
+            if ok:
+                revision = responses[0].response_put.header.revision
+            else:
+                kvs = responses[0]
+                if not kvs:
+                    raise RuntimeError("election key vanished while campaigning")
+                revision = kvs[0][1].create_revision
+            return Candidate(key, node, lease_id, int(revision))
+
+        return await self._run("campaign", create)
+
+    async def confirm_leader(self, me: Candidate) -> bool:
+        election = self.keys.election
+
+        def check(c: Any) -> bool:
+            t = c.transactions
+            ok, responses = c.transaction(
+                compare=[t.create(me.key) == me.create_revision],
+                success=[t.get(election, _prefix_end(election))],
+                failure=[],
+            )
+            if not ok:
+                return False
+            revisions = [meta.create_revision for _value, meta in responses[0]]
+            return bool(revisions) and min(revisions) == me.create_revision
+
+        return await self._run("confirm_leader", check)
+
+    async def resign(self, me: Candidate) -> None:
+        def delete(c: Any) -> None:
+            t = c.transactions
+            c.transaction(compare=[t.create(me.key) == me.create_revision],
+                          success=[t.delete(me.key)], failure=[])
+
+        await self._run("resign", delete)
+
+    async def publish(self, record: NodeRecord, lease_id: int) -> None:
+        await self._run("publish", lambda c: c.put(self.keys.node(record.node),
+                                                    record.to_json(), lease_id))
+
+    async def clear_switchover(self, target: str) -> None:
+        key = self.keys.switchover
+
+        def delete(c: Any) -> None:
+            t = c.transactions
+            c.transaction(compare=[t.value(key) == target], success=[t.delete(key)], failure=[])
+
+        await self._run("clear_switchover", delete)
+
+    # Operator commands (status, switchover, maintenance) share the connection code.
+
+    async def request_switchover(self, target: str, ttl: int) -> None:
+        def put(c: Any) -> None:
+            lease = c.lease(ttl)
+            c.put(self.keys.switchover, target, lease.id)
+
+        await self._run("switchover", put)
+
+    async def set_maintenance(self, reason: str | None) -> None:
+        if reason is None:
+            await self._run("maintenance", lambda c: c.delete(self.keys.maintenance))
+        else:
+            await self._run("maintenance", lambda c: c.put(self.keys.maintenance, reason))
+
+    async def lease_remaining(self, lease_id: int) -> int:
+        """Seconds etcd still gives a lease (-1 when it is gone); for ``bpleader status``."""
+        return await self._run("lease_ttl", lambda c: int(c.get_lease_info(lease_id).TTL))
+
+    def close(self) -> None:
+        self._drop_client()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prefix_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One readable line for an etcd failure: gRPC's status and details, never a trace."""
+    details = getattr(exc, "details", None)
+    code = getattr(exc, "code", None)
+    if callable(details) and callable(code):
+        try:
+            return f"{code().name.lower()}: {details()}"
+        except Exception:
+            pass
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _needs_reconnect(reason: str) -> bool:
+    # An auth token dies with an etcd restart; failover state also wedges after every
+    # member failed. A fresh client re-authenticates and retries all members.
+    lowered = reason.lower()
+    return any(s in lowered for s in ("auth token", "unauthenticated", "no endpoint available"))

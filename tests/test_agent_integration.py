@@ -1,0 +1,286 @@
+"""Scenarios of issue 3 on real processes: a 3-member etcd cluster, the nodeos simulator,
+and real `bpleader agent` processes. Every scenario asserts the invariant from the
+simulator's ledger (no slot or height signed twice by our producer) and that one leader
+produces again; failover times are recorded as figures, not asserted.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The nodeos simulator (issue 2) has not landed yet; until it does these scenarios cannot run.
+pytest.importorskip("bpleader.sim")
+
+import httpx
+from bpleader.sim import SimCluster
+
+from bpleader.localetcd import EtcdCluster
+from harness import PRODUCER, World, record_result, wait_for
+
+pytestmark = pytest.mark.integration
+
+NODES = ["bp-a", "bp-b"]
+
+
+@pytest.fixture
+def world(etcd3: EtcdCluster, tmp_path: Path) -> Iterator[World]:
+    with SimCluster(PRODUCER, NODES, block_interval=0.5, pause_on_startup=True) as sim:
+        w = World(tmp_path, etcd3.endpoints, sim)
+        try:
+            yield w
+        finally:
+            w.stop_all()
+
+
+def start_agents(world: World, names: list[str] = NODES) -> str:
+    for n in names:
+        world.add_agent(n).start()
+    return world.wait_single_producer(30)
+
+
+def other(name: str) -> str:
+    return next(n for n in NODES if n != name)
+
+
+def assert_no_double_production(world: World) -> None:
+    s = world.ledger()
+    assert s["double_produced_slots"] == 0, s
+    assert s["double_produced_heights"] == 0, s
+
+
+def failover(world: World, scenario: str, fault_at: float, old: str,
+             timeout: float = 30.0) -> str:
+    new = world.wait_single_producer(timeout, exclude=old)
+    record_result(scenario, failover_s=round(time.monotonic() - fault_at, 2),
+                  double_produced_slots=world.ledger()["double_produced_slots"])
+    return new
+
+
+def test_startup_elects_exactly_one_leader(world: World, etcd3: EtcdCluster) -> None:
+    leader = start_agents(world)
+    assert etcd3.elect_leader(f"/bpleader/{PRODUCER}/election") == leader
+    assert world.sim.node(other(leader)).paused
+    world.sim.wait_slots(8)
+    assert world.producing() == [leader]
+    s = world.ledger()
+    assert s["blocks_by_node"].get(leader, 0) > 0, s
+    assert s["blocks_by_node"].get(other(leader), 0) == 0, s
+    assert_no_double_production(world)
+
+
+def test_leader_killed_is_fenced_and_replaced(world: World) -> None:
+    old = start_agents(world)
+    t0 = time.monotonic()
+    world.agents[old].kill()
+    new = failover(world, "leader agent SIGKILL", t0, old)
+    assert new == other(old)
+    # The guard process paused the orphaned nodeos at the lease deadline.
+    assert world.sim.node(old).paused
+    world.sim.wait_slots(4)
+    assert_no_double_production(world)
+
+
+def test_frozen_leader_is_fenced_and_stays_out_when_thawed(world: World) -> None:
+    old = start_agents(world)
+    t0 = time.monotonic()
+    world.agents[old].freeze()
+    new = failover(world, "leader agent SIGSTOP 3xTTL", t0, old)
+    remaining = 3 * 2 - (time.monotonic() - t0)
+    if remaining > 0:
+        time.sleep(remaining)
+    world.agents[old].thaw()
+    world.sim.wait_slots(8)
+    assert world.producing() == [new]
+    assert world.etcd_leader() == new
+    assert_no_double_production(world)
+
+
+def test_leader_out_of_sync_steps_down(world: World) -> None:
+    old = start_agents(world)
+    t0 = time.monotonic()
+    world.sim.node(old).set_fault("desync")
+    new = failover(world, "leader nodeos out of sync", t0, old)
+    assert new == other(old)
+    assert world.agents[old].count("resigned") >= 1
+    world.sim.wait_slots(4)
+    assert_no_double_production(world)
+
+
+def test_leader_nodeos_api_frozen(world: World) -> None:
+    """The frozen node may still be producing: nobody else may resume until it is not."""
+    old = start_agents(world)
+    world.sim.node(old).set_fault("freeze_api")
+    world.sim.wait_slots(16)  # > lease TTL + takeover: the lease was abandoned meanwhile
+    # The standby won the lock but saw blocks of ours newer than its win: doppelganger.
+    wait_for(lambda: world.agents[other(old)].count("doppelganger") >= 1, 10,
+             what="doppelganger alarm on the standby")
+    assert world.producing() == [old]
+    world.sim.node(old).clear_faults()
+    t0 = time.monotonic()
+    new = world.wait_single_producer(40, exclude=old)  # after the quiet period
+    record_result("leader nodeos API frozen, then thawed", failover_s=round(
+        time.monotonic() - t0, 2))
+    assert new == other(old)
+    assert_no_double_production(world)
+
+
+def test_leader_nodeos_restarted_unpaused(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    with SimCluster(PRODUCER, NODES, block_interval=0.5,
+                    pause_on_startup={"bp-a": False, "bp-b": True}) as sim:
+        world = World(tmp_path, etcd3.endpoints, sim)
+        try:
+            world.add_agent("bp-a").start()
+            assert world.wait_single_producer(30) == "bp-a"
+            world.add_agent("bp-b").start()
+            wait_for(lambda: world.snapshot() is not None
+                     and len(world.snapshot().candidates) == 2, 20, what="two candidates")
+            t0 = time.monotonic()
+            sim.node("bp-a").restart(2.0)  # comes back unpaused
+            leader = world.wait_single_producer(30)
+            record_result("leader nodeos restarted unpaused", settled_s=round(
+                time.monotonic() - t0, 2), leader=leader)
+            sim.wait_slots(6)
+            assert len(world.producing()) == 1
+            assert_no_double_production(world)
+        finally:
+            world.stop_all()
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_switchover(world: World, with_target: bool) -> None:
+    old = start_agents(world)
+    target = other(old)
+    wait_for(lambda: (s := world.snapshot()) is not None and s.records.get(target) is not None
+             and s.records[target].in_sync, 20, what="target in sync")
+    args = ["--to", target] if with_target else []
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--config",
+                          str(world.agents[old].config), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"{old} -> {target}" in res.stdout
+    new = failover(world, f"switchover{' --to' if with_target else ''}", t0, old)
+    assert new == target
+    world.sim.wait_slots(4)
+    assert_no_double_production(world)
+
+
+def test_switchover_refused_without_in_sync_target(world: World) -> None:
+    old = start_agents(world)
+    world.sim.node(other(old)).set_fault("desync")
+    wait_for(lambda: (s := world.snapshot()) is not None
+             and s.records.get(other(old)) is not None
+             and not s.records[other(old)].in_sync, 20, what="standby out of sync")
+    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--config",
+                          str(world.agents[old].config)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "no other node is in sync" in res.stderr
+    assert world.producing() == [old]
+
+
+def test_graceful_stop_hands_over(world: World) -> None:
+    old = start_agents(world)
+    t0 = time.monotonic()
+    assert world.agents[old].stop() == 0
+    assert world.sim.node(old).paused
+    failover(world, "leader graceful stop (SIGTERM)", t0, old)
+    world.sim.wait_slots(4)
+    assert_no_double_production(world)
+
+
+def _etcd_member_of(world: World, etcd: EtcdCluster, agent: str) -> int:
+    """Index of the etcd member the agent's process is connected to (from `ss`)."""
+    pid = world.agents[agent].proc.pid  # type: ignore[union-attr]
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True,
+                         text=True).stdout
+    ports = {m.client_port: i for i, m in enumerate(etcd.members)}
+    for line in out.splitlines():
+        if f"pid={pid}," not in line:
+            continue
+        peer = line.split()[3]
+        port = int(peer.rsplit(":", 1)[1])
+        if port in ports:
+            return ports[port]
+    raise AssertionError("agent has no connection to any etcd member")
+
+
+def test_etcd_member_of_the_leader_killed(world: World, etcd3: EtcdCluster) -> None:
+    leader = start_agents(world)
+    idx = wait_for(lambda: _try_member(world, etcd3, leader), 10, what="leader's etcd member")
+    t0 = time.monotonic()
+    etcd3.kill(etcd3.members[idx - 1])
+    world.sim.wait_slots(10)
+    now_leader = world.wait_single_producer(30)
+    record_result("etcd member of the leader killed", settled_s=round(
+        time.monotonic() - t0, 2), leader_changed=now_leader != leader)
+    assert_no_double_production(world)
+
+
+def _try_member(world: World, etcd: EtcdCluster, agent: str) -> int:
+    try:
+        return _etcd_member_of(world, etcd, agent) + 1  # +1 so member 0 is truthy
+    except AssertionError:
+        return 0
+
+
+def test_etcd_leader_killed(world: World, etcd3: EtcdCluster) -> None:
+    leader = start_agents(world)
+    t0 = time.monotonic()
+    etcd3.kill(etcd3.leader())
+    world.sim.wait_slots(10)
+    now_leader = world.wait_single_producer(30)
+    record_result("etcd leader killed", settled_s=round(time.monotonic() - t0, 2),
+                  leader_changed=now_leader != leader)
+    assert_no_double_production(world)
+
+
+def test_quorum_lost_pauses_everyone_then_recovers(world: World, etcd3: EtcdCluster) -> None:
+    start_agents(world)
+    t0 = time.monotonic()
+    etcd3.kill(etcd3.members[0])
+    etcd3.kill(etcd3.members[1])
+    wait_for(lambda: world.producing() == [], 10, what="every node paused")
+    record_result("etcd quorum lost", all_paused_s=round(time.monotonic() - t0, 2))
+    world.sim.wait_slots(6)
+    assert world.producing() == []
+    t1 = time.monotonic()
+    etcd3.start_member(etcd3.members[0])
+    etcd3.start_member(etcd3.members[1])
+    world.wait_single_producer(60)
+    record_result("etcd quorum regained", leader_s=round(time.monotonic() - t1, 2))
+    world.sim.wait_slots(4)
+    assert_no_double_production(world)
+
+
+def test_follower_resumed_by_hand_is_paused_again(world: World) -> None:
+    leader = start_agents(world)
+    follower = other(leader)
+    httpx.post(world.sim.node(follower).url + "/v1/producer/resume", timeout=2)
+    wait_for(lambda: world.agents[follower].count("correction") >= 1, 10,
+             what="a counted correction")
+    wait_for(lambda: world.sim.node(follower).paused, 5, what="follower paused again")
+    world.sim.wait_slots(4)
+    assert world.producing() == [leader]
+    # A hand-made resume can sign one block before the next tick undoes it: the residual
+    # risk of an operator resuming by hand (README). Bounded to a slot or two.
+    assert world.ledger()["double_produced_slots"] <= 2
+
+
+def test_shutdown_exits_zero_and_leaves_nodeos_paused(world: World) -> None:
+    for n in NODES:
+        world.add_agent(n).start()
+    world.wait_single_producer(30)
+    for n in NODES:
+        assert world.agents[n].stop() == 0
+        assert world.sim.node(n).paused
+    assert world.snapshot() is not None and world.snapshot().candidates == ()
+    log = world.agents[NODES[0]].log_text()
+    assert re.search(r"event=transition .*-> stopped", log), log[-2000:]

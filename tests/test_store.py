@@ -1,0 +1,121 @@
+"""The etcd store and the lease session against a real etcd member."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bpleader.clock import SystemClock
+from bpleader.election import Session
+from bpleader.localetcd import EtcdCluster
+from bpleader.store import EtcdSettings, EtcdStore, Keys, NodeRecord, StoreError, parse_snapshot
+
+KEYS = Keys("/bpleader", "mybp")
+
+
+def store_for(cluster: EtcdCluster) -> EtcdStore:
+    return EtcdStore(EtcdSettings(tuple(cluster.endpoints), 1.0), KEYS)
+
+
+def test_election_by_create_revision(etcd1: EtcdCluster) -> None:
+    async def scenario() -> None:
+        store = store_for(etcd1)
+        try:
+            a = await store.grant(5)
+            b = await store.grant(5)
+            # Campaign in the order b, a: lease ids are not ordered, revisions are.
+            cb = await store.campaign(b.id, "bp-b")
+            ca = await store.campaign(a.id, "bp-a")
+            assert await store.campaign(b.id, "bp-b") == cb  # idempotent
+            assert await store.confirm_leader(cb)
+            assert not await store.confirm_leader(ca)
+            snap = await store.snapshot()
+            assert [c.node for c in snap.candidates] == ["bp-b", "bp-a"]
+            assert etcd1.elect_leader(KEYS.election.rstrip("/")) == "bp-b"
+            await store.resign(cb)
+            assert await store.confirm_leader(ca)
+            await store.revoke(a.id)
+            assert await store.keepalive(a.id) == 0  # TTL 0, not an error
+            assert (await store.snapshot()).candidates == ()
+            await store.revoke(a.id)  # revoking a gone lease is not an error
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def test_records_switchover_and_maintenance(etcd1: EtcdCluster) -> None:
+    async def scenario() -> None:
+        store = store_for(etcd1)
+        try:
+            lease = await store.grant(5)
+            await store.publish(NodeRecord("bp-a", role="leader", in_sync=True,
+                                           head_block_num=42, paused=False), lease.id)
+            await store.request_switchover("bp-b", 10)
+            await store.set_maintenance("upgrade")
+            snap = await store.snapshot()
+            assert snap.records["bp-a"].head_block_num == 42
+            assert snap.records["bp-a"].role == "leader"
+            assert snap.switchover == "bp-b" and snap.maintenance == "upgrade"
+            await store.clear_switchover("bp-c")  # names another target: kept
+            assert (await store.snapshot()).switchover == "bp-b"
+            await store.clear_switchover("bp-b")
+            await store.set_maintenance(None)
+            snap = await store.snapshot()
+            assert snap.switchover is None and snap.maintenance is None
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_etcd_is_a_store_error(etcd1: EtcdCluster) -> None:
+    store = store_for(etcd1)
+    etcd1.stop()
+    try:
+        with pytest.raises(StoreError):
+            asyncio.run(store.snapshot())
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("raw", [b"", b"null", b"[1]", b"{\"head_block_num\": \"x\"}",
+                                 b"\xff\xfe", b"{" * 5000, b"{\"role\": 7, \"lag\": true}"])
+def test_garbage_node_records_never_raise(raw: bytes) -> None:
+    rec = NodeRecord.parse("bp-x", raw)
+    assert rec.node == "bp-x"
+    assert rec.head_block_num >= 0
+    assert rec.role == "unknown" or rec.valid
+
+
+def test_foreign_election_key_counts_as_candidate() -> None:
+    snap = parse_snapshot(KEYS, 9, [
+        (KEYS.election + "zz", b"intruder", 3, 0),
+        (KEYS.election + "1a", b"bp-a", 5, 26),
+    ])
+    assert snap.leader is not None and snap.leader.node == "intruder"
+
+
+def test_session_renews_and_notices_a_revoked_lease(etcd1: EtcdCluster) -> None:
+    async def scenario() -> None:
+        store = store_for(etcd1)
+        clock = SystemClock()
+        deadlines: list[float] = []
+        session = Session(store, clock, ttl=2, interval=0.3, on_renew=deadlines.append)
+        try:
+            await session.step()  # grant
+            assert session.lease is not None and session.lease.ttl == 2
+            first = session.lease
+            await session.step()  # renew
+            assert deadlines and deadlines[-1] <= clock.now() + 2
+            assert 0 < session.remaining(clock.now()) <= 2
+            await store.revoke(first.id)
+            await session.step()  # keepalive answers TTL 0: lost at once
+            assert session.lease is None and session.stats.losses == 1
+            await session.step()  # a fresh lease
+            assert session.lease is not None and session.lease.id != first.id
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
