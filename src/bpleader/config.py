@@ -1,0 +1,310 @@
+"""Agent configuration: one TOML file, ``BPLEADER_<SECTION>_<FIELD>`` overrides, strict checks.
+
+Validation collects every problem, each naming ``section.field``, the value and the rule,
+because an operator fixing a file at 3 a.m. should not have to run the check five times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import stat
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+SECRETS = {("etcd", "password"), ("notify", "slack_webhook"), ("notify", "webhook_url"),
+           ("notify", "pagerduty_routing_key")}
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = ""
+    producer: str = ""
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/bpleader"
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class NodeosConfig:
+    url: str = "http://127.0.0.1:8888"
+    timeout: float = 0.5
+    max_head_lag: float = 3.0
+    chain_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    lease_ttl: float = 5.0
+    keepalive_interval: float = 0.0  # 0: lease_ttl / 5
+    fence_guard: float = 1.5
+    takeover_delay: float = 1.0
+    check_interval: float = 0.5
+    continuity_timeout: float = 5.0
+    doppelganger_quiet: float = 60.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9750"
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    slack_webhook: str | None = field(default=None, repr=False)
+    webhook_url: str | None = field(default=None, repr=False)
+    pagerduty_routing_key: str | None = field(default=None, repr=False)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "node": NodeConfig, "etcd": EtcdConfig, "nodeos": NodeosConfig, "timing": TimingConfig,
+    "metrics": MetricsConfig, "notify": NotifyConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    etcd: EtcdConfig
+    nodeos: NodeosConfig
+    timing: TimingConfig
+    metrics: MetricsConfig
+    notify: NotifyConfig
+    source: str = ""
+
+    def redacted(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            values = dataclasses.asdict(getattr(self, section))
+            for name in values:
+                if (section, name) in SECRETS and values[name] is not None:
+                    values[name] = "***"
+                elif isinstance(values[name], tuple):
+                    values[name] = list(values[name])
+            out[section] = values
+        return out
+
+
+def _kind(section: str, name: str) -> str:
+    f = next(f for f in fields(SECTIONS[section]) if f.name == name)
+    return str(f.type)
+
+
+def _coerce(where: str, kind: str, value: Any, errors: list[str]) -> Any:
+    """Check a TOML value against the field's declared type."""
+    if "tuple" in kind:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        errors.append(f"{where} = {value!r}: must be a list of strings")
+    elif "float" in kind:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        errors.append(f"{where} = {value!r}: must be a number")
+    elif isinstance(value, str):
+        return value
+    else:
+        errors.append(f"{where} = {value!r}: must be a string")
+    return None
+
+
+def _from_env(kind: str, text: str) -> Any:
+    if "tuple" in kind:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    if "float" in kind:
+        try:
+            return float(text)
+        except ValueError:
+            return text  # reported by _coerce as "must be a number"
+    return text
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "") -> Config:
+    errors: list[str] = []
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            errors.append(f"[{section}]: unknown section (known: {', '.join(SECTIONS)})")
+        elif not isinstance(values, dict):
+            errors.append(f"[{section}]: must be a table")
+        else:
+            merged[section].update(values)
+    for var, text in env.items():
+        if not var.startswith("BPLEADER_"):
+            continue
+        rest = var[len("BPLEADER_"):].lower()
+        target = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if target is None:
+            continue
+        name = rest[len(target) + 1:]
+        if name not in {f.name for f in fields(SECTIONS[target])}:
+            errors.append(f"{var}: {target} has no field {name!r}")
+            continue
+        merged[target][name] = _from_env(_kind(target, name), text)
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, value in merged[section].items():
+            if name not in known:
+                errors.append(f"{section}.{name}: unknown field "
+                              f"(known: {', '.join(sorted(known))})")
+                continue
+            coerced = _coerce(f"{section}.{name}", _kind(section, name), value, errors)
+            if coerced is not None:
+                kwargs[name] = coerced
+        built[section] = cls(**kwargs)
+    t = built["timing"]
+    if t.keepalive_interval == 0.0:
+        built["timing"] = dataclasses.replace(t, keepalive_interval=t.lease_ttl / 5)
+    cfg = Config(source=source, **built)
+    errors += _validate(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+ACCOUNT = re.compile(r"^[a-z1-5.]{1,12}$")
+NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname)
+
+
+def _validate(c: Config) -> list[str]:
+    e: list[str] = []
+    n, et, no, t = c.node, c.etcd, c.nodeos, c.timing
+    if not n.name:
+        e.append("node.name: required")
+    elif not NODE_NAME.match(n.name):
+        e.append(f"node.name = {n.name!r}: only letters, digits, '.', '_', '-' (max 64)")
+    if not n.producer:
+        e.append("node.producer: required")
+    elif not ACCOUNT.match(n.producer) or n.producer.endswith("."):
+        e.append(f"node.producer = {n.producer!r}: must be an account name (1-12 of a-z, "
+                 "1-5, '.', not ending in '.')")
+    if not et.endpoints:
+        e.append("etcd.endpoints: required, a non-empty list of http(s)://host:port")
+    for ep in et.endpoints:
+        if not _url_ok(ep, ("http", "https")):
+            e.append(f"etcd.endpoints: {ep!r} is not an http(s)://host:port URL")
+    if not et.prefix.startswith("/") or et.prefix.endswith("/"):
+        e.append(f"etcd.prefix = {et.prefix!r}: must start with '/' and not end with '/'")
+    if (et.username is None) != (et.password is None):
+        e.append("etcd.username/etcd.password: give both or neither")
+    if (et.cert is None) != (et.key is None):
+        e.append("etcd.cert/etcd.key: give both or neither")
+    if (et.ca_cert or et.cert) and any(ep.startswith("http://") for ep in et.endpoints):
+        e.append("etcd.ca_cert: TLS files given but endpoints use http://")
+    for name in ("ca_cert", "cert", "key"):
+        path = getattr(et, name)
+        if path is not None and not os.access(path, os.R_OK):
+            e.append(f"etcd.{name} = {path!r}: file missing or unreadable")
+    if not (no.url.startswith("unix:///") or _url_ok(no.url, ("http", "https"))):
+        e.append(f"nodeos.url = {no.url!r}: must be http(s)://host[:port] or unix:///path")
+    if no.timeout <= 0:
+        e.append(f"nodeos.timeout = {no.timeout}: must be > 0")
+    if no.max_head_lag <= 0:
+        e.append(f"nodeos.max_head_lag = {no.max_head_lag}: must be > 0")
+    if no.chain_id is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", no.chain_id):
+        e.append(f"nodeos.chain_id = {no.chain_id!r}: must be 64 hex characters")
+    if t.lease_ttl != int(t.lease_ttl) or t.lease_ttl < 2:
+        e.append(f"timing.lease_ttl = {t.lease_ttl}: must be a whole number of seconds >= 2 "
+                 "(etcd leases are whole seconds; 2 s is etcd's minimum)")
+    if t.keepalive_interval <= 0:
+        e.append(f"timing.keepalive_interval = {t.keepalive_interval}: must be > 0")
+    if t.fence_guard <= 0 or t.fence_guard >= t.lease_ttl / 2:
+        e.append(f"timing.fence_guard = {t.fence_guard}: must be > 0 and < lease_ttl / 2 "
+                 f"({t.lease_ttl / 2:g})")
+    if t.fence_guard <= no.timeout:
+        e.append(f"timing.fence_guard = {t.fence_guard}: must be > nodeos.timeout "
+                 f"({no.timeout:g}) so the pause call fits before the lease ends")
+    if t.keepalive_interval > 0 and (t.lease_ttl - t.fence_guard) / t.keepalive_interval < 3:
+        e.append(f"timing.keepalive_interval = {t.keepalive_interval}: (lease_ttl - "
+                 "fence_guard) / keepalive_interval must be >= 3 (three renewal tries "
+                 "before the fence fires)")
+    if t.takeover_delay < 0.5:
+        e.append(f"timing.takeover_delay = {t.takeover_delay}: must be >= 0.5 (one block)")
+    if t.check_interval <= 0 or t.check_interval > t.takeover_delay:
+        e.append(f"timing.check_interval = {t.check_interval}: must be > 0 and <= "
+                 f"takeover_delay ({t.takeover_delay:g})")
+    if t.continuity_timeout <= 0:
+        e.append(f"timing.continuity_timeout = {t.continuity_timeout}: must be > 0")
+    if t.doppelganger_quiet < 0:
+        e.append(f"timing.doppelganger_quiet = {t.doppelganger_quiet}: must be >= 0")
+    host, _, port = c.metrics.listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        e.append(f"metrics.listen = {c.metrics.listen!r}: must be host:port")
+    for name in ("slack_webhook", "webhook_url"):
+        value = getattr(c.notify, name)
+        if value is not None and not _url_ok(value, ("http", "https")):
+            e.append(f"notify.{name}: must be an http(s) URL (value not shown: secret)")
+    return e
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse_config(data, os.environ if env is None else env, str(path))
+
+
+def warnings(c: Config) -> list[str]:
+    out = []
+    if not (c.nodeos.url.startswith("unix://") or
+            urlsplit(c.nodeos.url).hostname in ("127.0.0.1", "localhost", "::1")):
+        out.append(f"nodeos.url {c.nodeos.url} is not local: the producer API must never "
+                   "be exposed beyond localhost")
+    if c.metrics.listen.rpartition(":")[0].strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+        out.append(f"metrics listen on {c.metrics.listen}, beyond loopback")
+    has_secret = any(getattr(getattr(c, s), f) for s, f in SECRETS)
+    if has_secret and c.source:
+        try:
+            if os.stat(c.source).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                out.append(f"{c.source} holds secrets and is readable by group or others "
+                           "(chmod 600)")
+        except OSError:
+            pass
+    return out
+
+
+def check_config_main(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=err)
+        return 2
+    for w in warnings(cfg):
+        print(f"warning: {w}", file=err)
+    print(json.dumps(cfg.redacted(), indent=2), file=out)
+    return 0
