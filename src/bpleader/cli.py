@@ -60,8 +60,6 @@ def _parser() -> argparse.ArgumentParser:
                                     "effective configuration, secrets redacted.")
     cc.add_argument("file")
 
-    sub.add_parser("sim", help="run the nodeos simulator (see `bpleader sim --help`)",
-                   add_help=False)
     sub.add_parser("demo", help="a local cluster with live failovers (see `bpleader demo "
                                 "--help`)", add_help=False)
     return p
@@ -80,10 +78,6 @@ def _load(path: str) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sim"]:
-        from bpleader.sim.cli import main as sim_main
-
-        return sim_main(argv[1:])
     if argv[:1] == ["demo"]:
         from bpleader.demo import main as demo_main
 
