@@ -98,7 +98,7 @@ def test_frozen_leader_is_fenced_and_stays_out_when_thawed(world: World) -> None
     assert_no_double_production(world)
 
 
-@pytest.mark.xfail(reason="open: fails in the first full run, under investigation (issue 3)", strict=False)
+@pytest.mark.xfail(reason="open: fails in the first full run (issue 3)", strict=False)
 def test_leader_out_of_sync_steps_down(world: World) -> None:
     old = start_agents(world)
     t0 = time.monotonic()
@@ -110,7 +110,7 @@ def test_leader_out_of_sync_steps_down(world: World) -> None:
     assert_no_double_production(world)
 
 
-@pytest.mark.xfail(reason="open: fails in the first full run, under investigation (issue 3)", strict=False)
+@pytest.mark.xfail(reason="open: fails in the first full run (issue 3)", strict=False)
 def test_leader_nodeos_api_frozen(world: World) -> None:
     """The frozen node may still be producing: nobody else may resume until it is not."""
     old = start_agents(world)
@@ -230,7 +230,7 @@ def _try_member(world: World, etcd: EtcdCluster, agent: str) -> int:
         return 0
 
 
-@pytest.mark.xfail(reason="open: fails in the first full run, under investigation (issue 3)", strict=False)
+@pytest.mark.xfail(reason="open: fails in the first full run (issue 3)", strict=False)
 def test_etcd_leader_killed(world: World, etcd3: EtcdCluster) -> None:
     leader = start_agents(world)
     t0 = time.monotonic()
@@ -242,7 +242,7 @@ def test_etcd_leader_killed(world: World, etcd3: EtcdCluster) -> None:
     assert_no_double_production(world)
 
 
-@pytest.mark.xfail(reason="open: fails in the first full run, under investigation (issue 3)", strict=False)
+@pytest.mark.xfail(reason="open: fails in the first full run (issue 3)", strict=False)
 def test_quorum_lost_pauses_everyone_then_recovers(world: World, etcd3: EtcdCluster) -> None:
     start_agents(world)
     t0 = time.monotonic()
