@@ -166,7 +166,7 @@ def test_pause_at_block(tcp_sim: SimCluster) -> None:
     body = assert_nodeos_error(call(url, "/v1/producer/pause_at_block",
                                     json.dumps({"block_num": head}).encode()), 500)
     assert "chain head" in body["error"]["details"][0]["message"]
-    target = head + 3
+    target = head + 8  # far enough ahead even on a slow machine
     resp = call(url, "/v1/producer/pause_at_block", json.dumps({"block_num": target}).encode())
     assert resp.status_code == 201 and resp.json() == {"result": "ok"}
     wait_until(lambda: tcp_sim.node("bp-a").paused, what="paused at the block")
@@ -192,8 +192,8 @@ def test_lag_shows_an_older_head(tcp_sim: SimCluster) -> None:
     a, b = tcp_sim.node("bp-a"), tcp_sim.node("bp-b")
     tcp_sim.wait_slots(12)
     b.set_fault("lag", seconds=0.8)
-    behind = info(a.url)["head_block_num"] - info(b.url)["head_block_num"]
-    assert 4 <= behind <= 12  # 8 blocks of 0.1 s, give or take the tick in between
+    lagged_head = info(b.url)["head_block_num"]  # first, so slowness only adds to the gap
+    assert info(a.url)["head_block_num"] - lagged_head >= 7  # 0.8 s = 8 blocks of 0.1 s
     lagged = datetime.fromisoformat(info(b.url)["head_block_time"] + "+00:00").timestamp()
     assert time.time() - lagged >= 0.7
 
@@ -281,7 +281,7 @@ def test_restart_refuses_connections_then_comes_back(pause_on_startup: bool,
         assert a.paused
         with client(a.url) as keepalive:
             assert keepalive.post("/v1/producer/paused").status_code == 201
-            a.restart(0.6)
+            a.restart(1.0)
             assert not a.up and not a.producing and "restart" in a.faults
             with pytest.raises(httpx.TransportError):  # the open connection is cut too
                 keepalive.post("/v1/producer/paused")

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="a local cluster with live failovers (see `bpleader demo "
                                 "--help`)", add_help=False)
+    sub.add_parser("sim", help="simulated nodeos nodes on one simulated chain, for tests "
+                               "and demos (see `bpleader sim --help`)", add_help=False)
     return p
 
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from bpleader.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["sim"]:
+        from bpleader.sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         from bpleader.config import check_config_main
