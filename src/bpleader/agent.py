@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 from bpleader import __version__
 from bpleader.clock import Clock
 from bpleader.election import Session
-from bpleader.nodeos import ChainInfo, NodeosError, SyncEvaluator, SyncState
+from bpleader.nodeos import ChainInfo, NodeosError, NodeosUnavailable, SyncEvaluator, SyncState
 from bpleader.store import Candidate, NodeRecord, Snapshot, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,14 @@ class Agent:
         self._quiet_until = 0.0
         self._next_resume = 0.0
         self._resigned_for_switchover = False
+        # For a switchover to "any node": were we the leader when the request appeared?
+        # Only that leader hands over; whoever leads next clears the request.
+        self._last_switchover: str | None = None
+        self._switchover_from_me = False
         self._prev_leader_head = 0
         self._unconfirmed_since: float | None = None
+        self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
+        self._blocked_by = ""  # the unfenced node we last reported waiting for
 
     # ----------------------------------------------------------------- main loop
 
@@ -172,6 +178,7 @@ class Agent:
         obs = await self._observe()
         self.last = obs
         await self._publish(obs)
+        await self._clear_own_unfenced(obs)
         role, reason = await self._step(obs)
         self._transition(role, reason)
 
@@ -206,6 +213,8 @@ class Agent:
         await self._reconcile_paused(o)
         if self._me is not None:
             return await self._release_when_paused(o)
+        if o.paused is True:
+            self._disarm()  # after an abandoned lease: the pause is confirmed at last
         why_not = self._why_not_campaign(o)
         if why_not:
             return Role.FOLLOWER, why_not
@@ -221,9 +230,13 @@ class Agent:
         """Pause before release: an earlier step-down could not confirm the pause.
 
         If nodeos stays unreachable (hung or dead) for a whole lease TTL, keeping the key
-        would block every other node forever. We stop renewing instead: the lease expires,
-        and the next leader resumes only if its doppelganger check sees no block of ours,
-        that is, only if this nodeos is really not producing. The fences stay armed.
+        would block every other node forever. We stop renewing instead and let the lease
+        expire. A nodeos that refuses connections is down and cannot produce; one that
+        accepts and never answers (or answers errors) may still be signing blocks, and the
+        doppelganger check alone would miss it whenever our producer's slots do not fall
+        within the takeover delay. So before letting go we leave an ``unfenced`` mark
+        without a lease: no node resumes while it exists, and we delete it ourselves once
+        nodeos confirms a pause. The fences stay armed.
         """
         if o.paused is True:
             await self._release("paused now confirmed")
@@ -233,6 +246,8 @@ class Agent:
         elif o.now - self._unconfirmed_since > self.cfg.lease_ttl:
             self._log("abandon_lease", "pause unconfirmed for a whole lease TTL; letting the "
                       "lease expire", logging.ERROR)
+            if not isinstance(self._pause_error, NodeosUnavailable):
+                await self._mark_unfenced(o)
             self.session.abandon()
             self._me = None
             self._unconfirmed_since = None
@@ -267,6 +282,9 @@ class Agent:
         await self._reconcile_paused(o)
         if self._doppelganger(o):
             return await self._doppelganger_alarm(o)
+        blocker = self._unfenced_other(o)
+        if blocker:
+            return Role.TAKING_OVER, blocker
         if o.now < self._won_at + self.cfg.takeover_delay:
             return Role.TAKING_OVER, "takeover delay"
         if not self._continuity_ok(o):
@@ -283,8 +301,8 @@ class Agent:
         if o.snap is not None and self._switchover_excludes_me(o.snap):
             self._resigned_for_switchover = True
             return await self._step_down(f"switchover to {o.snap.switchover or 'any node'}")
-        if o.snap is not None and o.snap.switchover == self.cfg.node:
-            await self._clear_switchover(self.cfg.node)
+        if o.snap is not None and o.snap.switchover in (self.cfg.node, ""):
+            await self._clear_switchover(o.snap.switchover)  # we are its new leader
         if o.paused is True and o.now >= self._next_resume:
             # Restarted nodeos, a manual pause, or Spring's implicit pause: resume once,
             # then only every resume_retry seconds, and say so.
@@ -342,7 +360,7 @@ class Agent:
         if target is None or target == self.cfg.node:
             return False
         # "" means any node but the leader that is handing over.
-        return target != "" or self._resigned_for_switchover or self.role == Role.LEADER
+        return target != "" or self._resigned_for_switchover or self._switchover_from_me
 
     def _elected(self, o: Observation) -> bool:
         """We hold the lowest create revision, on our live lease."""
@@ -356,6 +374,44 @@ class Agent:
         """Layer 7: a block by our producer newer than our win, while we are paused."""
         return (o.info is not None and o.info.head_block_producer == self.cfg.producer
                 and o.info.head_block_time > self._won_wall + DOPPELGANGER_MARGIN)
+
+    def _unfenced_other(self, o: Observation) -> str:
+        """Why we may not resume because another node may still produce, or empty."""
+        if o.snap is None:
+            return self._blocked_by and f"waiting for {self._blocked_by} to confirm a pause"
+        others = {n: why for n, why in o.snap.unfenced.items() if n != self.cfg.node}
+        if not others:
+            if self._blocked_by:
+                self._log("unblocked", f"{self._blocked_by} confirmed its pause")
+            self._blocked_by = ""
+            return ""
+        node = sorted(others)[0]
+        reason = f"not resuming: {node} could not confirm its nodeos paused ({others[node]})"
+        if node != self._blocked_by:
+            self._blocked_by = node
+            self._log("blocked", reason, logging.ERROR)
+        return reason
+
+    async def _mark_unfenced(self, o: Observation) -> None:
+        why = f"pause unconfirmed since {o.wall:.0f}: {self._pause_error}"
+        try:
+            await self.store.mark_unfenced(self.cfg.node, why)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return
+        self._log("unfenced", why, logging.CRITICAL)
+
+    async def _clear_own_unfenced(self, o: Observation) -> None:
+        """Our mark goes once nodeos confirms paused and nothing of ours may resume it."""
+        if o.snap is None or self.cfg.node not in o.snap.unfenced or o.paused is not True \
+                or self._armed:
+            return
+        try:
+            await self.store.clear_unfenced(self.cfg.node)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return
+        self._log("unfenced_cleared", "nodeos confirms paused")
 
     def _continuity_ok(self, o: Observation) -> bool:
         """Layer 10: build on the newest head the previous leader published."""
@@ -446,8 +502,10 @@ class Agent:
                 await self.nodeos.pause(budget=max(left, 0.05))
                 if await self.nodeos.paused(budget=max(deadline - self.clock.now(), 0.05)):
                     self._disarm()
+                    self._pause_error = None
                     return True
             except NodeosError as exc:
+                self._pause_error = exc
                 self._nodeos_error(exc)
             if self.clock.now() >= deadline:
                 self._log("pause_unconfirmed", reason, logging.ERROR)
@@ -499,6 +557,9 @@ class Agent:
         snap = self._ok(snap_r, Snapshot)
         sync = self.sync.observe(wall, now, info,
                                  info_r if isinstance(info_r, NodeosError) else None)
+        if snap is not None and snap.switchover != self._last_switchover:
+            self._last_switchover = snap.switchover
+            self._switchover_from_me = snap.switchover == "" and self.role == Role.LEADER
         if snap is not None:
             for rec in snap.records.values():
                 if rec.valid and rec.role == Role.LEADER.value and rec.node != self.cfg.node:

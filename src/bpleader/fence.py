@@ -64,15 +64,6 @@ def pause_confirmed(url: str, timeout: float, budget: float) -> tuple[bool, str]
     return asyncio.run(_pause_confirmed_async(url, timeout, budget))
 
 
-async def read_paused(url: str, timeout: float) -> bool | None:
-    """``paused`` as nodeos reports it; None when nodeos does not answer."""
-    try:
-        async with NodeosClient(url, timeout) as client:
-            return await client.paused()
-    except NodeosError:
-        return None
-
-
 class ThreadFence:
     """Layer 3: a thread that pauses nodeos at the armed time unless re-armed first."""
 
@@ -191,10 +182,13 @@ class Fences:
 def guard_main(argv: list[str] | None = None) -> int:
     """The guard process: enforce the pause from the armed time until re-armed or disarmed.
 
-    Once the time has passed it does not pause just once: every check interval it reads
-    ``paused`` and pauses again if needed, so a thawed agent that sends a stale resume is
-    undone within one interval. When the agent dies (stdin closes) an armed guard waits for
-    its time, pauses, confirms, and exits; a disarmed one exits at once.
+    Once the time has passed it does not pause just once: every check interval it sends
+    ``pause`` again (idempotent) and reads ``paused``, so a thawed agent that sends a stale
+    resume is undone within one interval. It never trusts a ``paused`` of true without
+    sending its own pause first: Spring's implicit pause reads true and then lifts by
+    itself, and only an explicit pause keeps nodeos paused after it. When the agent dies
+    (stdin closes) an armed guard waits for its time, pauses, confirms, and exits; a
+    disarmed one exits at once.
     """
     p = argparse.ArgumentParser(prog="python -m bpleader.fence",
                                 description="bpleader's dead-man guard (started by the agent)")
@@ -212,10 +206,15 @@ def guard_main(argv: list[str] | None = None) -> int:
     next_check = 0.0
     buf = b""
     ctx = f"node={args.node} role=guard"
+    reported: tuple[float | None, bool] = (None, False)  # one log line per arm and outcome
 
     def enforce() -> bool:
+        nonlocal reported
         ok, reason = pause_confirmed(args.url, args.timeout, max(args.timeout * 4, 1.0))
-        log.warning("%s event=fence_fired source=guard confirmed=%s reason=%r", ctx, ok, reason)
+        if reported != (pause_at, ok):
+            reported = (pause_at, ok)
+            log.warning("%s event=fence_fired source=guard confirmed=%s reason=%r", ctx, ok,
+                        reason)
         return ok
 
     def on_term(_sig: int, _frame: object) -> None:
@@ -252,12 +251,7 @@ def guard_main(argv: list[str] | None = None) -> int:
             return 1
         if pause_at is not None and now >= pause_at and now >= next_check:
             next_check = now + args.check_interval
-            paused = asyncio.run(read_paused(args.url, args.timeout))
-            if paused is not True:
-                confirmed = enforce()
-                if not parent_alive and confirmed:
-                    return 0
-            elif not parent_alive:
+            if enforce() and not parent_alive:
                 return 0
 
 

@@ -43,6 +43,7 @@ async def status_data(store: EtcdStore) -> dict[str, Any]:
         "nodes": nodes,
         "switchover": snap.switchover,
         "maintenance": snap.maintenance,
+        "unfenced": dict(snap.unfenced),
         "revision": snap.revision,
     }
 
@@ -54,6 +55,9 @@ def _print_status(data: dict[str, Any], out: TextIO) -> None:
         out.write(f"maintenance: ON ({data['maintenance']})\n")
     if data["switchover"] is not None:
         out.write(f"switchover:  requested to {data['switchover'] or 'any node'}\n")
+    for node, why in sorted(data["unfenced"].items()):
+        # No node resumes while this is shown; see README "Troubleshooting".
+        out.write(f"UNFENCED:    {node} may still be producing: {why}\n")
     out.write("candidates:  " + (", ".join(
         f"{c['node']} (rev {c['create_revision']})" for c in data["candidates"]) or "none") + "\n")
     out.write(f"\n{'NODE':<16} {'ROLE':<12} {'IN SYNC':<8} {'HEAD':>10} {'LAG':>7} "

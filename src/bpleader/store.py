@@ -67,6 +67,13 @@ class Keys:
     def maintenance(self) -> str:
         return f"{self.root}maintenance"
 
+    @property
+    def unfenced(self) -> str:
+        return f"{self.root}unfenced/"
+
+    def unfenced_node(self, name: str) -> str:
+        return f"{self.unfenced}{name}"
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -158,6 +165,8 @@ class Snapshot:
     records: Mapping[str, NodeRecord] = field(default_factory=dict)
     switchover: str | None = None  # None: no switchover asked; "": to any node
     maintenance: str | None = None
+    # Nodes that gave up their lease without a confirmed pause: they may still produce.
+    unfenced: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def leader(self) -> Candidate | None:
@@ -176,6 +185,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     records: dict[str, NodeRecord] = {}
     switchover: str | None = None
     maintenance: str | None = None
+    unfenced: dict[str, str] = {}
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
         if key.startswith(keys.election):
@@ -189,8 +199,10 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
+        elif key.startswith(keys.unfenced):
+            unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
     candidates.sort(key=lambda c: c.create_revision)
-    return Snapshot(revision, tuple(candidates), records, switchover, maintenance)
+    return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced)
 
 
 class Store(Protocol):
@@ -227,6 +239,12 @@ class Store(Protocol):
     async def clear_switchover(self, target: str) -> None:
         """Delete the switchover request, only if it still names ``target``."""
         ...
+
+    async def mark_unfenced(self, node: str, reason: str) -> None:
+        """Record, without a lease, that ``node``'s nodeos may still be producing."""
+        ...
+
+    async def clear_unfenced(self, node: str) -> None: ...
 
 
 def endpoint_parts(url: str) -> tuple[str, int, bool]:
@@ -408,6 +426,12 @@ class EtcdStore:
             c.transaction(compare=[t.value(key) == target], success=[t.delete(key)], failure=[])
 
         await self._run("clear_switchover", delete)
+
+    async def mark_unfenced(self, node: str, reason: str) -> None:
+        await self._run("mark_unfenced", lambda c: c.put(self.keys.unfenced_node(node), reason))
+
+    async def clear_unfenced(self, node: str) -> None:
+        await self._run("clear_unfenced", lambda c: c.delete(self.keys.unfenced_node(node)))
 
     # Operator commands (status, switchover, maintenance) share the connection code.
 

@@ -1,0 +1,5 @@
+import sys
+
+from bpleader.simworld.runner import main
+
+sys.exit(main())

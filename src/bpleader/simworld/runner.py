@@ -1,0 +1,138 @@
+"""Explore seeds in parallel, report violations with their traces, and replay one seed."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+from bpleader.simworld.faults import FaultScheduler
+from bpleader.simworld.scenario import Scenario
+from bpleader.simworld.variants import AGENTS
+from bpleader.simworld.world import Result, World
+
+
+def simulate(scenario: Scenario) -> Result:
+    """Run one scenario to its end (or shortly after its first safety violation)."""
+    world = World(scenario, AGENTS[scenario.agent])
+    return world.run(FaultScheduler.install)
+
+
+@dataclass(frozen=True)
+class Job:
+    seed: int
+    duration: float
+    agent: str
+    keep_trace: int | None
+
+
+def run_job(job: Job) -> Result:
+    scenario = Scenario.explore(job.seed, job.duration, agent=job.agent,
+                                keep_trace=job.keep_trace)
+    return simulate(scenario)
+
+
+def explore(seeds: Iterable[int], duration: float, agent: str = "real", jobs: int = 1,
+            keep_trace: int | None = 400) -> Iterator[Result]:
+    """Results as they come (in any order when ``jobs`` > 1)."""
+    work = (Job(seed, duration, agent, keep_trace) for seed in seeds)
+    if jobs <= 1:
+        yield from map(run_job, work)
+        return
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from pool.imap_unordered(run_job, work, chunksize=1)
+
+
+@dataclass
+class Totals:
+    seeds: int = 0
+    node_hours: float = 0.0
+    sim_hours: float = 0.0
+    violations: Counter[str] | None = None
+    failing: list[int] | None = None
+
+    def add(self, result: Result) -> None:
+        self.seeds += 1
+        self.node_hours += result.node_hours
+        self.sim_hours += result.sim_seconds / 3600.0
+        if self.violations is None:
+            self.violations, self.failing = Counter(), []
+        for v in result.violations:
+            self.violations[v.kind] += 1
+        if result.violations and self.failing is not None:
+            self.failing.append(result.seed)
+
+
+def print_result(result: Result, out: TextIO, full_trace: bool) -> None:
+    for v in result.violations:
+        out.write(f"\n=== VIOLATION seed={result.seed} t={v.time:.3f}s {v.kind}\n"
+                  f"{v.text}\nscenario: {result.scenario}\n")
+        if not full_trace:
+            out.write("--- trace leading to it (virtual seconds, node, event):\n")
+            out.write(v.trace + "\n")
+    if full_trace:
+        out.write(result.trace + "\n")
+
+
+def print_totals(totals: Totals, wall: float, out: TextIO) -> None:
+    kinds = ", ".join(f"{k}={n}" for k, n in sorted((totals.violations or {}).items()))
+    out.write(f"\nseeds: {totals.seeds}\nsimulated hours: {totals.sim_hours:.2f}\n"
+              f"simulated node-hours: {totals.node_hours:.2f}\nwall time: {wall:.1f} s\n"
+              f"node-hours per wall second: {totals.node_hours / max(wall, 1e-9):.3f}\n"
+              f"violations: {sum((totals.violations or {}).values())}"
+              f"{' (' + kinds + ')' if kinds else ''}\n")
+    if totals.failing:
+        out.write(f"failing seeds: {' '.join(map(str, sorted(totals.failing)))}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bpleader.simworld",
+                                description="Deterministic simulation of bpleader agents.")
+    p.add_argument("--seeds", type=int, default=20, help="number of seeds to explore")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--hours", type=float, default=10 / 60,
+                   help="simulated hours per seed (default 10 minutes)")
+    p.add_argument("--agent", choices=sorted(AGENTS), default="real",
+                   help="the real agent, or one with a safety layer removed")
+    p.add_argument("--replay", type=int, metavar="SEED", help="replay one seed exactly")
+    p.add_argument("--trace", action="store_true", help="print the whole trace (replay)")
+    p.add_argument("--wall-limit", type=float, default=0.0,
+                   help="stop starting seeds after this many wall seconds")
+    args = p.parse_args(argv)
+    duration = args.hours * 3600.0
+    out = sys.stdout
+    started = time.monotonic()
+    totals = Totals()
+    if args.replay is not None:
+        scenario = Scenario.explore(args.replay, duration, agent=args.agent,
+                                    keep_trace=None if args.trace else 400)
+        result = simulate(scenario)
+        out.write(f"scenario: {result.scenario}\n")
+        print_result(result, out, args.trace)
+        totals.add(result)
+    else:
+        seeds: Iterable[int] = range(args.first_seed, args.first_seed + args.seeds)
+        if args.wall_limit:
+            seeds = _until(seeds, started + args.wall_limit)
+        for result in explore(seeds, duration, args.agent, args.jobs):
+            totals.add(result)
+            print_result(result, out, False)
+            out.flush()
+    print_totals(totals, time.monotonic() - started, out)
+    return 1 if totals.violations else 0
+
+
+def _until(seeds: Iterable[int], deadline: float) -> Iterator[int]:
+    for seed in seeds:
+        if time.monotonic() >= deadline:
+            return
+        yield seed
+
+
+

@@ -1,0 +1,128 @@
+"""The agents a simulation can run: the real one, and copies with one safety layer removed.
+
+The weakened agents exist to show that the simulation finds bugs: each must lead to a
+double production within a bounded number of seeds (tests/test_simworld.py). Each one
+overrides as little as possible of :class:`bpleader.agent.Agent`, so that the rest of the
+production state machine keeps running as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
+from bpleader.clock import Clock
+from bpleader.nodeos import NodeosError, SyncEvaluator
+from bpleader.simworld.world import AgentFactory
+from bpleader.store import Store
+
+
+class _NoFencer:
+    """Layers 3 and 8 gone: nothing outside the agent's loop pauses nodeos."""
+
+    def arm(self, pause_at: float) -> None:
+        return None
+
+    def disarm(self) -> None:
+        return None
+
+
+class NoFenceAgent(Agent):
+    """No self-fencing: no fence thread or guard, and no lease check in the loop."""
+
+    def __init__(self, settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
+                 fencer: Fencer, sync: SyncEvaluator) -> None:
+        super().__init__(settings, clock, store, nodeos, _NoFencer(), sync)
+
+    async def _step(self, o: Observation) -> tuple[Role, str]:
+        if o.snap is not None and o.snap.maintenance is not None and \
+                self.role != Role.MAINTENANCE:
+            return Role.MAINTENANCE, f"maintenance on: {o.snap.maintenance}"
+        handler = {
+            Role.STARTING: self._as_starting, Role.FOLLOWER: self._as_follower,
+            Role.CANDIDATE: self._as_candidate, Role.TAKING_OVER: self._as_taking_over,
+            Role.LEADER: self._as_leader, Role.FENCED: self._as_fenced,
+            Role.MAINTENANCE: self._as_maintenance,
+        }[self.role]
+        return await handler(o)
+
+
+def no_takeover_delay(settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
+                      fencer: Fencer, sync: SyncEvaluator) -> Agent:
+    """Layer 5 gone: takeover_delay 0, which config.py would refuse."""
+    return Agent(dataclasses.replace(settings, takeover_delay=0.0), clock, store, nodeos,
+                 fencer, sync)
+
+
+class NoFencingCheckAgent(Agent):
+    """Layer 6 gone: resume without re-reading etcd or the lease time in that step."""
+
+    async def _resume_checked(self, why: str) -> bool:
+        if self._me is None:
+            return False
+        self._arm()
+        try:
+            await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
+        except NodeosError as exc:
+            self._nodeos_error(exc)
+            return False
+        self.stats.resumes += 1
+        self._log("resumed", why)
+        return True
+
+
+class NoConfirmLeaderAgent(Agent):
+    """Only the etcd transaction of layer 6 gone; the lease-time checks stay."""
+
+    async def _resume_checked(self, why: str) -> bool:
+        me = self._me
+        needed = self.cfg.fence_guard + self.cfg.nodeos_timeout
+        if me is None or not self.session.holds(me.lease_id, self.clock.now(), needed):
+            return False
+        self._arm()
+        try:
+            await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
+        except NodeosError as exc:
+            self._nodeos_error(exc)
+            return False
+        self.stats.resumes += 1
+        self._log("resumed", why)
+        if not self.session.holds(me.lease_id, self.clock.now(), self.cfg.fence_guard):
+            await self._fence("stalled while resuming")
+            return False
+        return True
+
+
+class ReleaseBeforePauseAgent(Agent):
+    """Layer 4 gone: a leader stepping down resigns first, then pauses."""
+
+    async def _step_down(self, reason: str) -> tuple[Role, str]:
+        await self._release(reason)
+        await self._pause_confirmed(reason, self.cfg.fence_guard)
+        return Role.FOLLOWER, f"stepped down: {reason}"
+
+
+class NoDoppelgangerAgent(Agent):
+    """Layer 7 gone: never look for blocks signed by someone else with our key."""
+
+    def _doppelganger(self, o: Observation) -> bool:
+        return False
+
+
+class NoContinuityAgent(Agent):
+    """Layer 10 gone: resume on whatever head we have."""
+
+    def _continuity_ok(self, o: Observation) -> bool:
+        return True
+
+
+AGENTS: dict[str, AgentFactory] = {
+    "real": Agent,
+    "no-fence": NoFenceAgent,
+    "no-takeover-delay": no_takeover_delay,
+    "no-fencing-check": NoFencingCheckAgent,
+    "no-confirm-leader": NoConfirmLeaderAgent,
+    "release-before-pause": ReleaseBeforePauseAgent,
+    "no-doppelganger": NoDoppelgangerAgent,
+    "no-continuity": NoContinuityAgent,
+}
