@@ -149,12 +149,17 @@ def _from_env(kind: str, text: str) -> Any:
     return text
 
 
+def _name(name: str) -> str:
+    """A name from the input, quoted when it could break the one-line error format."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "") -> Config:
     errors: list[str] = []
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for section, values in data.items():
         if section not in SECTIONS:
-            errors.append(f"[{section}]: unknown section (known: {', '.join(SECTIONS)})")
+            errors.append(f"[{_name(section)}]: unknown section (known: {', '.join(SECTIONS)})")
         elif not isinstance(values, dict):
             errors.append(f"[{section}]: must be a table")
         else:
@@ -168,7 +173,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
             continue
         name = rest[len(target) + 1:]
         if name not in {f.name for f in fields(SECTIONS[target])}:
-            errors.append(f"{var}: {target} has no field {name!r}")
+            errors.append(f"{_name(var)}: {target} has no field {name!r}")
             continue
         merged[target][name] = _from_env(_kind(target, name), text)
     built: dict[str, Any] = {}
@@ -177,7 +182,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
         kwargs: dict[str, Any] = {}
         for name, value in merged[section].items():
             if name not in known:
-                errors.append(f"{section}.{name}: unknown field "
+                errors.append(f"{section}.{_name(name)}: unknown field "
                               f"(known: {', '.join(sorted(known))})")
                 continue
             coerced = _coerce(f"{section}.{name}", _kind(section, name), value, errors)

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -162,6 +163,9 @@ class Snapshot:
     records: Mapping[str, NodeRecord] = field(default_factory=dict)
     switchover: str | None = None  # None: no switchover asked; "": to any node
     maintenance: str | None = None
+    # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
+    # written by someone else (or garbage), counted so that it is seen, never trusted.
+    rejected: tuple[str, ...] = ()
 
     @property
     def leader(self) -> Candidate | None:
@@ -180,21 +184,35 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     records: dict[str, NodeRecord] = {}
     switchover: str | None = None
     maintenance: str | None = None
+    rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
+        shown = key[len(keys.root):][:80]
+        if len(value) > MAX_RECORD_BYTES:
+            rejected.append(f"{shown}: value of {len(value)} bytes, over {MAX_RECORD_BYTES}")
         if key.startswith(keys.election):
             # Any key here is a candidate, as for etcd's own Election: a foreign key
             # with the lowest revision blocks everyone, which is the safe outcome.
             candidates.append(Candidate(key, text[:128], lease_id, create_revision))
+            if not _NODE_NAME.fullmatch(text):
+                rejected.append(f"{shown}: election key whose value is not a node name")
         elif key.startswith(keys.root + "nodes/"):
             name = key[len(keys.root + "nodes/"):]
             records[name] = NodeRecord.parse(name, value, lease_id)
+            if not records[name].valid:
+                rejected.append(f"{shown}: unreadable node record")
         elif key == keys.switchover:
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
+        else:
+            rejected.append(f"{shown}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
-    return Snapshot(revision, tuple(candidates), records, switchover, maintenance)
+    return Snapshot(revision, tuple(candidates), records, switchover, maintenance,
+                    tuple(rejected))
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Store(Protocol):
