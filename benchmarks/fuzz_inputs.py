@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import fuzzkit as fk  # noqa: E402
-from bpleader.agent import Role  # noqa: E402
+import fuzzkit as fk
+from bpleader.agent import Role
 
 TICKS = 10
 tried: Counter[str] = Counter()
