@@ -85,11 +85,12 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
     path.write_text(f'[node]\nname="bp-a"\nproducer="mybp"\n[etcd]\nendpoints=["http://x:1"]\n'
                     f'username="u"\npassword="{secret}"\n[notify]\n'
                     f'pagerduty_routing_key="{secret}"\n')
+    path.chmod(0o640)  # world-readable secrets are refused (tests/test_sec_exposure.py)
     out, err = io.StringIO(), io.StringIO()
     assert check_config_main(str(path), out, err) == 0
     assert secret not in out.getvalue() + err.getvalue()
     assert "***" in out.getvalue()
-    assert "readable by group or others" in err.getvalue()
+    assert "readable or writable by its group" in err.getvalue()
 
 
 def test_check_config_exit_codes(tmp_path: Path) -> None:

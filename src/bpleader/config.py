@@ -7,7 +7,9 @@ because an operator fixing a file at 3 a.m. should not have to run the check fiv
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -112,19 +114,27 @@ def _kind(section: str, name: str) -> str:
 
 
 def _coerce(where: str, kind: str, value: Any, errors: list[str]) -> Any:
-    """Check a TOML value against the field's declared type."""
+    """Check a TOML value against the field's declared type.
+
+    A secret's value is never echoed, even a wrongly typed one: it may still be the
+    real password with quotes forgotten.
+    """
+    shown = "(value not shown: secret)" if tuple(where.split(".", 1)) in SECRETS \
+        else f"= {value!r}"[:200]
     if "tuple" in kind:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        errors.append(f"{where} = {value!r}: must be a list of strings")
+        errors.append(f"{where} {shown}: must be a list of strings")
     elif "float" in kind:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        # TOML and float() accept nan and inf; no timing rule can hold for them.
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and math.isfinite(value):
             return float(value)
-        errors.append(f"{where} = {value!r}: must be a number")
+        errors.append(f"{where} {shown}: must be a finite number")
     elif isinstance(value, str):
         return value
     else:
-        errors.append(f"{where} = {value!r}: must be a string")
+        errors.append(f"{where} {shown}: must be a string")
     return None
 
 
@@ -139,12 +149,17 @@ def _from_env(kind: str, text: str) -> Any:
     return text
 
 
+def _name(name: str) -> str:
+    """A name from the input, quoted when it could break the one-line error format."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "") -> Config:
     errors: list[str] = []
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for section, values in data.items():
         if section not in SECTIONS:
-            errors.append(f"[{section}]: unknown section (known: {', '.join(SECTIONS)})")
+            errors.append(f"[{_name(section)}]: unknown section (known: {', '.join(SECTIONS)})")
         elif not isinstance(values, dict):
             errors.append(f"[{section}]: must be a table")
         else:
@@ -158,7 +173,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
             continue
         name = rest[len(target) + 1:]
         if name not in {f.name for f in fields(SECTIONS[target])}:
-            errors.append(f"{var}: {target} has no field {name!r}")
+            errors.append(f"{_name(var)}: {target} has no field {name!r}")
             continue
         merged[target][name] = _from_env(_kind(target, name), text)
     built: dict[str, Any] = {}
@@ -167,7 +182,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
         kwargs: dict[str, Any] = {}
         for name, value in merged[section].items():
             if name not in known:
-                errors.append(f"{section}.{name}: unknown field "
+                errors.append(f"{section}.{_name(name)}: unknown field "
                               f"(known: {', '.join(sorted(known))})")
                 continue
             coerced = _coerce(f"{section}.{name}", _kind(section, name), value, errors)
@@ -202,11 +217,11 @@ def _validate(c: Config) -> list[str]:
     n, et, no, t = c.node, c.etcd, c.nodeos, c.timing
     if not n.name:
         e.append("node.name: required")
-    elif not NODE_NAME.match(n.name):
+    elif not NODE_NAME.fullmatch(n.name):
         e.append(f"node.name = {n.name!r}: only letters, digits, '.', '_', '-' (max 64)")
     if not n.producer:
         e.append("node.producer: required")
-    elif not ACCOUNT.match(n.producer) or n.producer.endswith("."):
+    elif not ACCOUNT.fullmatch(n.producer) or n.producer.endswith("."):
         e.append(f"node.producer = {n.producer!r}: must be an account name (1-12 of a-z, "
                  "1-5, '.', not ending in '.')")
     if not et.endpoints:
@@ -224,7 +239,7 @@ def _validate(c: Config) -> list[str]:
         e.append("etcd.ca_cert: TLS files given but endpoints use http://")
     for name in ("ca_cert", "cert", "key"):
         path = getattr(et, name)
-        if path is not None and not os.access(path, os.R_OK):
+        if path is not None and not _readable(path):
             e.append(f"etcd.{name} = {path!r}: file missing or unreadable")
     if not (no.url.startswith("unix:///") or _url_ok(no.url, ("http", "https"))):
         e.append(f"nodeos.url = {no.url!r}: must be http(s)://host[:port] or unix:///path")
@@ -259,13 +274,48 @@ def _validate(c: Config) -> list[str]:
     if t.doppelganger_quiet < 0:
         e.append(f"timing.doppelganger_quiet = {t.doppelganger_quiet}: must be >= 0")
     host, _, port = c.metrics.listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         e.append(f"metrics.listen = {c.metrics.listen!r}: must be host:port")
     for name in ("slack_webhook", "webhook_url"):
         value = getattr(c.notify, name)
         if value is not None and not _url_ok(value, ("http", "https")):
             e.append(f"notify.{name}: must be an http(s) URL (value not shown: secret)")
     return e
+
+
+def _readable(path: str) -> bool:
+    try:
+        return os.access(path, os.R_OK)
+    except ValueError:  # an embedded NUL byte
+        return False
+
+
+def secrets_in_file(data: Mapping[str, Any]) -> list[str]:
+    """The secret fields a parsed TOML file itself holds (env overrides do not count)."""
+    return [f"{s}.{f}" for s, f in sorted(SECRETS)
+            if isinstance(data.get(s), dict) and data[s].get(f) not in (None, "")]
+
+
+def exposure_error(path: str | Path, data: Mapping[str, Any]) -> str | None:
+    """Refuse a file whose secrets any local account can read.
+
+    World-readable secrets give every local user (nodeos's own account, an exporter)
+    the etcd credentials, and with them the election keys: there is no deployment
+    that needs it. Group-readable is only warned about (``warnings``): ``root:bpleader
+    0640`` is a common and deliberate layout.
+    """
+    secrets = secrets_in_file(data)
+    if not secrets:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & stat.S_IROTH:
+        return (f"{path}: holds secrets ({', '.join(secrets)}) and is readable by every "
+                f"local user (mode {stat.S_IMODE(mode):04o}); run chmod 600 or 640, or "
+                "pass them as BPLEADER_* environment variables")
+    return None
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -275,25 +325,42 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    exposed = exposure_error(path, data)
+    if exposed:
+        raise ConfigError([exposed])
     return parse_config(data, os.environ if env is None else env, str(path))
+
+
+def is_local_host(host: str | None) -> bool:
+    """Loopback by name or address (all of 127.0.0.0/8 and ::1)."""
+    if host is None:
+        return False
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def warnings(c: Config) -> list[str]:
     out = []
-    if not (c.nodeos.url.startswith("unix://") or
-            urlsplit(c.nodeos.url).hostname in ("127.0.0.1", "localhost", "::1")):
+    if not (c.nodeos.url.startswith("unix://") or is_local_host(urlsplit(c.nodeos.url).hostname)):
         out.append(f"nodeos.url {c.nodeos.url} is not local: the producer API must never "
                    "be exposed beyond localhost")
-    if c.metrics.listen.rpartition(":")[0].strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+    if not is_local_host(c.metrics.listen.rpartition(":")[0]):
         out.append(f"metrics listen on {c.metrics.listen}, beyond loopback")
-    has_secret = any(getattr(getattr(c, s), f) for s, f in SECRETS)
-    if has_secret and c.source:
+    if c.source:
         try:
-            if os.stat(c.source).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                out.append(f"{c.source} holds secrets and is readable by group or others "
-                           "(chmod 600)")
-        except OSError:
-            pass
+            secrets = secrets_in_file(tomllib.loads(Path(c.source).read_text()))
+            mode = os.stat(c.source).st_mode
+        except (OSError, ValueError):
+            secrets, mode = [], 0
+        if secrets and mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IWOTH):
+            out.append(f"{c.source} holds secrets ({', '.join(secrets)}) and is readable or "
+                       f"writable by its group (mode {stat.S_IMODE(mode):04o}); chmod 600 "
+                       "unless the group is meant to read them")
     return out
 
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
+
+from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +172,9 @@ class Snapshot:
     maintenance: str | None = None
     # Nodes that gave up their lease without a confirmed pause: they may still produce.
     unfenced: Mapping[str, str] = field(default_factory=dict)
+    # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
+    # written by someone else (or garbage), counted so that it is seen, never trusted.
+    rejected: tuple[str, ...] = ()
 
     @property
     def leader(self) -> Candidate | None:
@@ -186,23 +194,38 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     switchover: str | None = None
     maintenance: str | None = None
     unfenced: dict[str, str] = {}
+    rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
+        shown = key[len(keys.root):][:80]
+        if len(value) > MAX_RECORD_BYTES:
+            rejected.append(f"{shown}: value of {len(value)} bytes, over {MAX_RECORD_BYTES}")
         if key.startswith(keys.election):
             # Any key here is a candidate, as for etcd's own Election: a foreign key
             # with the lowest revision blocks everyone, which is the safe outcome.
             candidates.append(Candidate(key, text[:128], lease_id, create_revision))
+            if not _NODE_NAME.fullmatch(text):
+                rejected.append(f"{shown}: election key whose value is not a node name")
         elif key.startswith(keys.root + "nodes/"):
             name = key[len(keys.root + "nodes/"):]
             records[name] = NodeRecord.parse(name, value, lease_id)
+            if not records[name].valid:
+                rejected.append(f"{shown}: unreadable node record")
         elif key == keys.switchover:
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
         elif key.startswith(keys.unfenced):
+            # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
+        else:
+            rejected.append(f"{shown}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
-    return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced)
+    return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
+                    tuple(rejected))
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Store(Protocol):
@@ -280,9 +303,16 @@ class EtcdStore:
         self._settings = settings
         self._retry_member_after = retry_member_after
         self._client: Any = None
+        # Paced retries after TLS/auth failures (whole client) or a denied op (that op).
+        self._backoff = Backoff()
+        self._denied: dict[str, Backoff] = {}
+        self._last_reason = ""
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="etcd")
 
     def _connect(self) -> Any:
+        # gRPC's C core prints multi-line TLS diagnostics on stderr; the cause is in our
+        # one-line reason instead. GRPC_VERBOSITY=ERROR in the environment brings them back.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         import grpc
         import pyetcd
 
@@ -313,16 +343,47 @@ class EtcdStore:
         )
 
     def _call(self, op: str, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(client)`` and turn every failure into a :class:`StoreError`."""
+        """Run ``fn(client)`` and turn every failure into a :class:`StoreError`.
+
+        After a TLS, authentication or permission failure the next attempts wait for a
+        growing backoff (failing at once with the same reason meanwhile), so a refused
+        agent neither floods etcd nor logs more than the cause and the next try.
+        """
+        now = time.monotonic()
+        denied = self._denied.setdefault(op, Backoff())
+        for backoff in (self._backoff, denied):
+            wait = backoff.held(now)
+            if wait > 0:
+                raise StoreError(op, f"{backoff.reason} (next try in {wait:.1f} s)")
         try:
             if self._client is None:
                 self._client = self._connect()
-            return fn(self._client)
+            result = fn(self._client)
         except Exception as exc:
-            reason = describe_error(exc)
-            if _needs_reconnect(reason):
+            explained = explain(exc)
+            reason = explained.reason
+            if explained.kind is None and "no endpoint available" in reason.lower() \
+                    and self._last_reason:
+                reason = f"no etcd member usable; last error: {self._last_reason}"
+            elif "client certificate" in reason:
+                s = self._settings
+                reason = f"{reason}; {cert_hint(s.cert, s.ca_cert)}"
+            if "no endpoint available" not in reason.lower():
+                self._last_reason = reason
+            if explained.kind in (TLS, AUTH):
+                # A fresh client re-reads the certificate files and logs in again.
+                self._drop_client()
+                self._backoff.failed(time.monotonic(), reason)
+            elif explained.kind == PERMISSION:
+                reason = f"{reason}; the agent needs readwrite on prefix {self.keys.root}"
+                denied.failed(time.monotonic(), reason)
+            elif _needs_reconnect(reason):
                 self._drop_client()
             raise StoreError(op, reason) from None
+        self._backoff.succeeded()
+        denied.succeeded()
+        self._last_reason = ""
+        return result
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
@@ -464,16 +525,12 @@ def _prefix_end(prefix: str) -> bytes:
 
 
 def describe_error(exc: BaseException) -> str:
-    """One readable line for an etcd failure: gRPC's status and details, never a trace."""
-    details = getattr(exc, "details", None)
-    code = getattr(exc, "code", None)
-    if callable(details) and callable(code):
-        try:
-            return f"{code().name.lower()}: {details()}"
-        except Exception:
-            pass
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    """One readable line for an etcd failure naming its cause, never a trace.
+
+    See :mod:`bpleader.etcd_errors`: pyetcd hides gRPC's status behind its own
+    exceptions, which says nothing about a refused certificate or password.
+    """
+    return explain(exc).reason
 
 
 def _needs_reconnect(reason: str) -> bool:
