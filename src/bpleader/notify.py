@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from tenacity import (
@@ -91,6 +92,10 @@ class Sink(Protocol):
 
     def request(self, event: Event) -> Request | None: ...
 
+    def secrets(self) -> list[str]:
+        """Strings that must never appear in a log line."""
+        ...
+
 
 class SlackSink:
     """Slack incoming webhook: every event, one line of text."""
@@ -99,6 +104,9 @@ class SlackSink:
 
     def __init__(self, url: str) -> None:
         self._url = url
+
+    def secrets(self) -> list[str]:
+        return url_secrets(self._url)
 
     def __repr__(self) -> str:
         return "SlackSink(url=***)"
@@ -116,6 +124,9 @@ class WebhookSink:
 
     def __init__(self, url: str) -> None:
         self._url = url
+
+    def secrets(self) -> list[str]:
+        return url_secrets(self._url)
 
     def __repr__(self) -> str:
         return "WebhookSink(url=***)"
@@ -137,6 +148,9 @@ class PagerDutySink:
     def __init__(self, routing_key: str, url: str = PAGERDUTY_URL) -> None:
         self._key = routing_key
         self._url = url
+
+    def secrets(self) -> list[str]:
+        return [self._key]
 
     def __repr__(self) -> str:
         return "PagerDutySink(routing_key=***)"
@@ -202,6 +216,10 @@ class _Worker:
             self._drain_until = time.monotonic() + drain
             self._cond.notify()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float) -> None:
         self._thread.join(max(0.0, timeout))
 
@@ -257,6 +275,42 @@ class _Worker:
                   f"sink={self.sink.name} kind={event.kind}")
 
 
+# Loggers of the HTTP stack that may write a request URL (httpx logs every request at
+# INFO with its full URL; a Slack webhook's path is its secret).
+HTTP_LOGGERS = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+                "httpcore.proxy")
+
+
+class SecretFilter(logging.Filter):
+    """Rewrites any log record that contains a secret, whoever logs it."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        # Longest first, so a URL is replaced before its own path.
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        text = record.getMessage()
+        if any(s in text for s in self.secrets):
+            for s in self.secrets:
+                text = text.replace(s, "***")
+            record.msg, record.args = text, None
+        return True
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a webhook URL that authorise: the whole URL, its path and query."""
+    parts = urlsplit(url)
+    out = [url]
+    if len(parts.path) > 1:
+        out.append(parts.path)
+    if parts.query:
+        out.append(parts.query)
+    return out
+
+
 class Notifier:
     """Sends events to every configured destination in the background.
 
@@ -275,6 +329,7 @@ class Notifier:
         self.max_time, self.max_queue, self.sleep = max_time, max_queue, sleep
         self.workers = [_Worker(s, self) for s in sinks]
         self._started = False
+        self._filter = SecretFilter(x for w in self.workers for x in w.sink.secrets())
 
     @classmethod
     def from_config(cls, cfg: NotifyConfig, node: str, producer: str,
@@ -298,6 +353,8 @@ class Notifier:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            for name in HTTP_LOGGERS:
+                logging.getLogger(name).addFilter(self._filter)
             for w in self.workers:
                 w.start()
 
@@ -313,6 +370,10 @@ class Notifier:
             deadline = time.monotonic() + drain + 0.1
             for w in self.workers:
                 w.join(deadline - time.monotonic())
+            # A thread still hanging in a request may log later: keep the filter then.
+            if not any(w.alive for w in self.workers):
+                for name in HTTP_LOGGERS:
+                    logging.getLogger(name).removeFilter(self._filter)
 
     def submit(self, event: Event) -> None:
         for w in self.workers:
