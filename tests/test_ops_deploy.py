@@ -171,7 +171,6 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian package 'systemd')")
-    # (--threshold=20: fail when systemd's exposure score rises above 2.0 of 10.)
     # The unit names /opt/bpleader/venv/bin/bpleader; verify checks that it exists.
     exe = Path(sys.executable).with_name("bpleader")
     if not exe.exists():
@@ -183,6 +182,7 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     if "Failed to" in r.stderr and "bus" in r.stderr.lower():
         pytest.skip(f"systemd-analyze verify cannot run here: {r.stderr.strip()[:200]}")
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    # --threshold=20: fail when systemd's exposure score rises above 2.0 (of 10).
     sec = run(analyze, "security", "--offline=yes", "--threshold=20", str(local))
     assert sec.returncode == 0, sec.stdout[-1500:] + sec.stderr
 

@@ -202,3 +202,40 @@ def test_check_config_redacts_notify_secrets(tmp_path: Path) -> None:
     notify = json.loads(out.getvalue())["notify"]
     assert notify == {"slack_webhook": "***", "webhook_url": "***",
                       "pagerduty_routing_key": "***"}
+
+
+def test_state_alarms_trigger_after_the_grace_and_resolve_once() -> None:
+    """etcd unreachable and no in-sync node, from the agent's last observation."""
+    from types import SimpleNamespace
+
+    from bpleader.agent import Role
+
+    with HookServer(Hook(status=202)) as srv:
+        n = notifier(PagerDutySink(ROUTING_KEY, srv.url + "/pd"))
+        n.start()
+        bridge = AgentEvents(n, "bp-a", "mybp", alarm_after=2.0)
+        rec = SimpleNamespace(valid=True, in_sync=False)
+        in_sync = SimpleNamespace(valid=True, in_sync=True)
+
+        def tick(now: float, snap: object) -> None:
+            bridge.on_tick(SimpleNamespace(  # type: ignore[arg-type]
+                role=Role.FOLLOWER, last=SimpleNamespace(now=now, snap=snap)))
+
+        tick(0.0, None)  # etcd down from t=0
+        tick(1.9, None)  # within the grace: nothing
+        tick(2.0, None)  # trigger
+        tick(3.0, None)  # already raised: nothing
+        tick(4.0, SimpleNamespace(records={"bp-a": rec}))  # etcd back (resolve); none in sync
+        tick(6.5, SimpleNamespace(records={"bp-a": rec}))  # trigger no_in_sync_node
+        tick(7.0, SimpleNamespace(records={"bp-a": rec, "bp-b": in_sync}))  # resolve
+        tick(8.0, SimpleNamespace(records={"bp-b": in_sync}))  # nothing
+        wait_for(lambda: n.stats()["pagerduty"].sent == 4, 5, what="4 PagerDuty events")
+        n.stop()
+        pd = srv.hook.bodies("/pd")
+    assert [(b["event_action"], b["dedup_key"]) for b in pd] == [
+        ("trigger", "bpleader/mybp/bp-a/etcd_unreachable"),
+        ("resolve", "bpleader/mybp/bp-a/etcd_unreachable"),
+        ("trigger", "bpleader/mybp/no_in_sync_node"),
+        ("resolve", "bpleader/mybp/no_in_sync_node")]
+    assert pd[0]["payload"]["severity"] == "error"
+    assert pd[2]["payload"]["severity"] == "critical"
