@@ -19,14 +19,20 @@ from bpleader.config import Config
 from bpleader.fence import Fences, GuardProcess, ThreadFence, pause_confirmed
 from bpleader.metrics import Metrics
 from bpleader.nodeos import NodeosClient, SyncEvaluator
+from bpleader.notify import AgentEvents, Notifier, NotifierCollector
 from bpleader.store import EtcdSettings, EtcdStore, Keys
 
 log = logging.getLogger(__name__)
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The level also sits on the console handler: the notifier listens to the agent's
+    # INFO events (role changes) even when the console shows only warnings.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(numeric)
     # gRPC and httpx chatter is not what an operator needs at 3 a.m.
     for noisy in ("httpx", "httpcore", "grpc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -69,6 +75,12 @@ def agent_settings(cfg: Config) -> AgentSettings:
         doppelganger_quiet=t.doppelganger_quiet)
 
 
+def on_tick(agent: Agent, events: AgentEvents) -> None:
+    """After every completed tick: systemd's watchdog, then the state alarms (queue only)."""
+    sd_notify("WATCHDOG=1")
+    events.on_tick(agent)
+
+
 async def run_agent(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; exit status 0 only when nodeos was left confirmed paused."""
     settings = agent_settings(cfg)
@@ -94,16 +106,26 @@ async def run_agent(cfg: Config) -> int:
         agent = Agent(settings, SystemClock(), store, nodeos, Fences(thread, guard),
                       SyncEvaluator(cfg.nodeos.max_head_lag, cfg.nodeos.chain_id))
         metrics = Metrics(agent, cfg.metrics.listen)
+        notifier = Notifier.from_config(cfg.notify, node, cfg.node.producer)
+        events = AgentEvents(notifier, node, cfg.node.producer, alarm_after=cfg.timing.lease_ttl)
+        if notifier.workers:
+            metrics.registry.register(NotifierCollector(notifier))
+            notifier.start()
+            events.install()
         metrics.start()
         log.info("node=%s role=starting event=metrics_listening port=%d", node, metrics.port)
+        log.info("node=%s role=starting event=notify_destinations reason=%r", node,
+                 ",".join(notifier.sink_names) or "none")
         log.info("node=%s role=starting event=start producer=%s etcd=%s nodeos=%s",
                  node, cfg.node.producer, ",".join(cfg.etcd.endpoints), url)
         sd_notify("READY=1")
         try:
-            clean = await agent.run(stop, on_tick=lambda: sd_notify("WATCHDOG=1"))
+            clean = await agent.run(stop, on_tick=lambda: on_tick(agent, events))
         finally:
             sd_notify("STOPPING=1")
             metrics.stop()
             store.close()
+            events.uninstall()
+            notifier.stop(drain=2.0)  # after the pause: nothing here can delay it
     guard.stop()
     return 0 if clean else 1
