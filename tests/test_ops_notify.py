@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bpleader.agent import AgentEvent, Role
 from bpleader.config import check_config_main
 from bpleader.notify import (
     AgentEvents,
@@ -119,51 +120,47 @@ def test_hung_webhook_never_blocks_the_caller_and_the_queue_is_bounded() -> None
         assert time.monotonic() - t0 < 1.0  # stop() is bounded too
 
 
-def test_hung_webhook_does_not_delay_an_agent_fence_log_line() -> None:
-    """The agent's fence path logs ``event=fence`` before pausing; with the bridge on its
-    logger and every destination hung, that log call stays an in-memory append."""
+def test_hung_webhook_does_not_delay_an_agent_fence_event() -> None:
+    """The agent's fence path reports ``fence`` before pausing; with every destination
+    hung, handing the event to the bridge stays an in-memory append."""
     with HookServer(Hook(mode="hang")) as srv:
         n = notifier(SlackSink(srv.url), WebhookSink(srv.url), timeout=30.0)
         n.start()
         bridge = AgentEvents(n, "bp-a", "mybp", alarm_after=1.0)
-        bridge.install()
-        logger = logging.getLogger("bpleader.agent")
         try:
             for _ in range(20):
                 t0 = time.perf_counter()
-                logger.warning("%s event=%s reason=%r", "node=bp-a role=leader lease=1",
-                               "fence", "lease ends within the fence guard")
+                bridge(AgentEvent("fence", "bp-a", Role.LEADER,
+                                  "lease ends within the fence guard", logging.WARNING))
                 assert time.perf_counter() - t0 < 0.010
             wait_for(lambda: len(srv.hook.received) >= 2, 5, what="requests in flight")
         finally:
-            bridge.uninstall()
             n.stop(drain=0.1)
         assert all("fence" in json.dumps(r.body) for r in srv.hook.received)
 
 
-def test_bridge_maps_agent_log_lines_to_events() -> None:
+def test_bridge_maps_agent_events_to_notifications() -> None:
     with HookServer(Hook()) as srv:
         n = notifier(WebhookSink(srv.url), PagerDutySink(ROUTING_KEY, srv.url + "/pd"))
         n.start()
         bridge = AgentEvents(n, "bp-a", "mybp", alarm_after=1.0)
-        bridge.install("bpleader.test_bridge")
-        logger = logging.getLogger("bpleader.test_bridge")
-        ctx = "node=bp-a role=candidate lease=1f"
+
+        def transition(old: Role, new: Role, why: str) -> AgentEvent:
+            return AgentEvent("transition", "bp-a", new, f"{old.value} -> {new.value}: {why}",
+                              logging.INFO, previous=old)
+
         try:
             # candidate churn is not news; becoming leader, losing it and doppelganger are
-            logger.info("%s event=%s reason=%r", ctx, "transition",
-                        "follower -> candidate: in sync, campaigning (revision 7)")
-            logger.info("%s event=%s reason=%r", ctx, "transition",
-                        "taking_over -> leader: resumed production")
-            logger.info("%s event=%s reason=%r", ctx, "transition",
-                        "leader -> follower: stepped down: out of sync: head stale")
-            logger.critical("%s event=%s reason=%r", ctx, "doppelganger",
-                            "block 9 signed by mybp after we won")
-            logger.info("%s event=%s reason=%r", ctx, "resumed", "takeover")
+            bridge(transition(Role.FOLLOWER, Role.CANDIDATE, "in sync, campaigning"))
+            bridge(transition(Role.TAKING_OVER, Role.LEADER, "resumed production"))
+            bridge(transition(Role.LEADER, Role.FOLLOWER, "stepped down: out of sync: head "
+                                                          "stale"))
+            bridge(AgentEvent("doppelganger", "bp-a", Role.CANDIDATE,
+                              "block 9 signed by mybp after we won", logging.CRITICAL))
+            bridge(AgentEvent("resumed", "bp-a", Role.LEADER, "takeover", logging.INFO))
             wait_for(lambda: n.stats()["webhook"].sent == 3 and
                      n.stats()["pagerduty"].sent == 1, 5, what="deliveries")
         finally:
-            bridge.uninstall("bpleader.test_bridge")
             n.stop()
         hook = srv.hook.bodies("/")
         pd = srv.hook.bodies("/pd")

@@ -106,6 +106,19 @@ class Observation:
     snap: Snapshot | None  # None: etcd did not answer
 
 
+@dataclass(frozen=True)
+class AgentEvent:
+    """One event of the agent's log as data, for listeners (notifications): they get
+    the same facts as the log line without parsing it."""
+
+    event: str
+    node: str
+    role: Role  # the role after the event (the new one, for a transition)
+    reason: str
+    level: int
+    previous: Role | None = None  # for transitions: the role left
+
+
 @dataclass
 class AgentStats:
     """Counters the metrics module exports and the tests assert on."""
@@ -136,6 +149,8 @@ class Agent:
         self.role = Role.STARTING
         self.stats = AgentStats()
         self.last: Observation | None = None
+        # Called with every logged event; each must only queue work (it runs in the loop).
+        self.listeners: list[Callable[[AgentEvent], None]] = []
         self._me: Candidate | None = None  # our election key, while we hold one
         self._armed = False  # True while our nodeos may be unpaused by our doing
         self._won_at = 0.0  # clock.now() when we became the lowest key
@@ -618,15 +633,23 @@ class Agent:
             old, self.role = self.role, role
             if Role.LEADER in (old, role):
                 self.stats.leader_changes += 1
-            self._log("transition", f"{old.value} -> {role.value}: {reason}")
+            self._log("transition", f"{old.value} -> {role.value}: {reason}", previous=old)
 
     def _context(self) -> str:
         lease = self.session.lease
         lease_text = f"{lease.id:x}" if lease else "none"
         return f"node={self.cfg.node} role={self.role.value} lease={lease_text}"
 
-    def _log(self, event: str, reason: str, level: int = logging.INFO) -> None:
+    def _log(self, event: str, reason: str, level: int = logging.INFO,
+             previous: Role | None = None) -> None:
         log.log(level, "%s event=%s reason=%r", self._context(), event, reason)
+        if self.listeners:
+            ev = AgentEvent(event, self.cfg.node, self.role, reason, level, previous)
+            for listener in self.listeners:
+                try:
+                    listener(ev)
+                except Exception:  # a listener's bug must never stop a pause
+                    log.exception("%s event=listener_failed", self._context())
 
     def _etcd_error(self, exc: StoreError) -> None:
         self.stats.etcd_errors += 1

@@ -13,17 +13,14 @@ Why it is built this way:
   a ``repr`` and never part of an error message we write (httpx's own error texts can
   contain the URL, so only the exception class and the HTTP status are logged).
 
-Events come from the agent through :class:`AgentEvents`: a logging handler on the
-agent's logger (every agent event is one structured log line, ``event=.. reason=..``)
-plus :meth:`AgentEvents.on_tick` for the state alarms (etcd unreachable, no in-sync
-node), which raise a PagerDuty incident and resolve it with the same ``dedup_key``.
+Events come from the agent through :class:`AgentEvents`, a listener the agent calls
+with every event it logs, plus :meth:`AgentEvents.on_tick` for the state alarms (etcd
+unreachable, no in-sync node), which raise a PagerDuty incident and resolve it with the same ``dedup_key``.
 """
 
 from __future__ import annotations
 
-import ast
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -44,7 +41,7 @@ from tenacity import (
 from bpleader import __version__
 
 if TYPE_CHECKING:
-    from bpleader.agent import Agent
+    from bpleader.agent import Agent, AgentEvent
     from bpleader.config import NotifyConfig
 
 log = logging.getLogger(__name__)
@@ -390,8 +387,6 @@ class Notifier:
 
 # ------------------------------------------------------------------ agent bridge
 
-_LINE = re.compile(r"\brole=(?P<role>\S+).*?\bevent=(?P<event>\S+) reason=(?P<reason>.*)$")
-_TRANSITION = re.compile(r"^(?P<old>\w+) -> (?P<new>\w+): (?P<why>.*)$", re.S)
 # Roles whose entry or exit is news to an operator; candidate/taking_over churn is not.
 NOTABLE_ROLES = frozenset({"leader", "fenced", "maintenance", "stopped"})
 # Agent log events (other than transitions) that are notified, with their severity.
@@ -405,60 +400,37 @@ class _Alarm:
     raised: bool = False
 
 
-class AgentEvents(logging.Handler):
-    """Turns the agent's structured log lines and state into notifications.
+class AgentEvents:
+    """Turns the agent's events and state into notifications.
 
-    A logging handler, so the agent needs no hook of its own: each agent event is
-    already exactly one line ``node=.. role=.. event=.. reason=..``. It only queues
-    (see :meth:`Notifier.event`), so it is safe inside the agent loop and the fence.
+    Registered in :attr:`Agent.listeners`, so it gets every event the agent logs, as
+    data. It only queues (see :meth:`Notifier.event`), so it is safe inside the agent
+    loop, including its fence path.
     """
 
     def __init__(self, notifier: Notifier, node: str, producer: str,
                  alarm_after: float) -> None:
-        super().__init__(logging.INFO)
         self.notifier = notifier
         self.node, self.producer = node, producer
         self.alarm_after = alarm_after
         self._alarms: dict[str, _Alarm] = {"etcd_unreachable": _Alarm(),
                                            "no_in_sync_node": _Alarm()}
 
-    def install(self, logger_name: str = "bpleader.agent") -> None:
-        """Attach to the agent's logger; INFO must reach us even when the console
-        shows less (service.setup_logging puts the console's level on its handler)."""
-        logger = logging.getLogger(logger_name)
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
-        logger.addHandler(self)
+    def __call__(self, ev: AgentEvent) -> None:
+        role = ev.role.value
+        if ev.event == "transition" and ev.previous is not None:
+            self._transition(ev.previous.value, role, ev.reason)
+        elif ev.event == "doppelganger":
+            self.notifier.event("doppelganger", self.node, role, ev.reason, "critical",
+                                action="trigger", dedup_key=self._key("doppelganger"))
+        elif ev.event in AGENT_EVENTS:
+            self.notifier.event(ev.event, self.node, role, ev.reason, AGENT_EVENTS[ev.event])
 
-    def uninstall(self, logger_name: str = "bpleader.agent") -> None:
-        logging.getLogger(logger_name).removeHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            m = _LINE.search(record.getMessage())
-            if m is None:
-                return
-            role, event, reason = m["role"], m["event"], _unquote(m["reason"])
-            if event == "transition":
-                self._transition(role, reason)
-            elif event == "doppelganger":
-                self.notifier.event("doppelganger", self.node, role, reason, "critical",
-                                    action="trigger", dedup_key=self._key("doppelganger"))
-            elif event in AGENT_EVENTS:
-                self.notifier.event(event, self.node, role, reason, AGENT_EVENTS[event])
-        except Exception:  # a notification problem must never break the agent
-            self.handleError(record)
-
-    def _transition(self, role: str, reason: str) -> None:
-        t = _TRANSITION.match(reason)
-        if t is None:
-            return
-        old, new = t["old"], t["new"]
+    def _transition(self, old: str, new: str, reason: str) -> None:
         if old not in NOTABLE_ROLES and new not in NOTABLE_ROLES:
             return
         severity = "warning" if old == "leader" or new == "fenced" else "info"
-        self.notifier.event("role_change", self.node, new, f"{old} -> {new}: {t['why']}",
-                            severity)
+        self.notifier.event("role_change", self.node, new, reason, severity)
 
     def on_tick(self, agent: Agent) -> None:
         """State alarms from the agent's last observation; call after every tick."""
@@ -497,14 +469,6 @@ class AgentEvents(logging.Handler):
         if kind == "etcd_unreachable":
             return f"bpleader/{self.producer}/{self.node}/{kind}"
         return f"bpleader/{self.producer}/{kind}"
-
-
-def _unquote(text: str) -> str:
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    return value if isinstance(value, str) else text
 
 
 class NotifierCollector:

@@ -111,7 +111,7 @@ async def run_agent(cfg: Config) -> int:
         if notifier.workers:
             metrics.registry.register(NotifierCollector(notifier))
             notifier.start()
-            events.install()
+            agent.listeners.append(events)
         metrics.start()
         log.info("node=%s role=starting event=metrics_listening port=%d", node, metrics.port)
         log.info("node=%s role=starting event=notify_destinations reason=%r", node,
@@ -125,7 +125,6 @@ async def run_agent(cfg: Config) -> int:
             sd_notify("STOPPING=1")
             metrics.stop()
             store.close()
-            events.uninstall()
             notifier.stop(drain=2.0)  # after the pause: nothing here can delay it
     guard.stop()
     return 0 if clean else 1
