@@ -15,7 +15,8 @@ Why it is built this way:
 
 Events come from the agent through :class:`AgentEvents`, a listener the agent calls
 with every event it logs, plus :meth:`AgentEvents.on_tick` for the state alarms (etcd
-unreachable, no in-sync node), which raise a PagerDuty incident and resolve it with the same ``dedup_key``.
+unreachable, no in-sync node), which raise a PagerDuty incident and resolve it with the
+same ``dedup_key``.
 """
 
 from __future__ import annotations
