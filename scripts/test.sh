@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== ruff" && ruff check src tests
+echo "== ruff" && ruff check src tests benchmarks
 echo "== mypy" && mypy
 echo "== pytest" && exec pytest -q -p no:cacheprovider "$@"

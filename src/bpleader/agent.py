@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,28 @@ class Observation:
     snap: Snapshot | None  # None: etcd did not answer
 
 
+class _Repeats:
+    """One log line per distinct error, then a reminder with a count every ``every``
+    seconds: an etcd or nodeos outage must not bury the log under one line per tick.
+    Numbers are ignored when comparing, so "next try in 2.0 s" repeats "... in 1.0 s"."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self._key = ""
+        self._since = 0.0
+        self._count = 0
+
+    def check(self, text: str, now: float) -> tuple[bool, int]:
+        """Whether to log ``text`` now, and how many were held back before it."""
+        key = re.sub(r"\d+(\.\d+)?", "#", text)
+        if key != self._key or now - self._since >= self.every:
+            held, self._count = self._count, 0
+            self._key, self._since = key, now
+            return True, held
+        self._count += 1
+        return False, 0
+
+
 @dataclass(frozen=True)
 class AgentEvent:
     """One event of the agent's log as data, for listeners (notifications): they get
@@ -167,6 +190,8 @@ class Agent:
         self._unconfirmed_since: float | None = None
         self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
         self._blocked_by = ""  # the unfenced node we last reported waiting for
+        self._etcd_repeats = _Repeats()
+        self._nodeos_repeats = _Repeats()
 
     # ----------------------------------------------------------------- main loop
 
@@ -653,9 +678,16 @@ class Agent:
 
     def _etcd_error(self, exc: StoreError) -> None:
         self.stats.etcd_errors += 1
-        self._log("etcd_error", exc.reason if exc.op == "" else f"{exc.op}: {exc.reason}",
-                  logging.WARNING)
+        self._error("etcd_error", exc.reason if exc.op == "" else f"{exc.op}: {exc.reason}",
+                    self._etcd_repeats)
 
     def _nodeos_error(self, exc: NodeosError) -> None:
         self.stats.nodeos_errors += 1
-        self._log("nodeos_error", str(exc), logging.WARNING)
+        self._error("nodeos_error", str(exc), self._nodeos_repeats)
+
+    def _error(self, event: str, text: str, repeats: _Repeats) -> None:
+        """Every error is counted (metrics); repeats of the same one are logged sparsely."""
+        show, held = repeats.check(text, self.clock.now())
+        if show:
+            more = f" (repeated {held} times since the last line)" if held else ""
+            self._log(event, text + more, logging.WARNING)

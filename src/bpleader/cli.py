@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "listing every error",
                         description="Validate FILE (with BPLEADER_* overrides) and print the "
                                     "effective configuration, secrets redacted.")
-    cc.add_argument("file")
+    cc.add_argument("file", nargs="?", help="the configuration file to check")
+    cc.add_argument("--reference", action="store_true",
+                    help="print the reference of every field (Markdown) and exit")
 
     sub.add_parser("demo", help="a local cluster with live failovers (see `bpleader demo "
                                 "--help`)", add_help=False)
@@ -90,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         return sim_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        from bpleader.config import check_config_main
+        from bpleader.config import check_config_main, reference_markdown
 
+        if args.reference:
+            print(reference_markdown())
+            return 0
+        if args.file is None:
+            print("bpleader check-config: error: FILE or --reference is required",
+                  file=sys.stderr)
+            return 2
         return check_config_main(args.file)
     cfg = _load(args.config)
     if args.command == "agent":

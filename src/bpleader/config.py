@@ -31,52 +31,66 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+def _doc(default: Any, doc: str, secret: bool = False) -> Any:
+    """A field with its documentation: the README's reference is generated from these."""
+    return field(default=default, repr=not secret, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    name: str = ""
-    producer: str = ""
+    name: str = _doc("", "this agent's node, unique per producer (letters, digits, `.`, `_`, "
+                         "`-`); required")
+    producer: str = _doc("", "the producer account; one election per producer; required")
 
 
 @dataclass(frozen=True)
 class EtcdConfig:
-    endpoints: tuple[str, ...] = ()
-    prefix: str = "/bpleader"
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    endpoints: tuple[str, ...] = _doc((), "etcd client URLs (`http://` or `https://`), all "
+                                          "members; comma-separated in the variable; required")
+    prefix: str = _doc("/bpleader", "keys live under `{prefix}/{producer}/`")
+    ca_cert: str | None = _doc(None, "CA bundle for `https://` endpoints")
+    cert: str | None = _doc(None, "client certificate (with `key`)")
+    key: str | None = _doc(None, "client certificate's private key")
+    username: str | None = _doc(None, "etcd user (with `password`)")
+    password: str | None = _doc(None, "etcd password; secret: never logged, redacted",
+                                secret=True)
 
 
 @dataclass(frozen=True)
 class NodeosConfig:
-    url: str = "http://127.0.0.1:8888"
-    timeout: float = 0.5
-    max_head_lag: float = 3.0
-    chain_id: str | None = None
+    url: str = _doc("http://127.0.0.1:8888", "nodeos HTTP API, `http://` or "
+                                             "`unix:///path`; keep it local")
+    timeout: float = _doc(0.5, "seconds for each nodeos call")
+    max_head_lag: float = _doc(3.0, "in sync while now - head_block_time is at most this")
+    chain_id: str | None = _doc(None, "64 hex digits: refuse a nodeos on another chain")
 
 
 @dataclass(frozen=True)
 class TimingConfig:
-    lease_ttl: float = 5.0
-    keepalive_interval: float = 0.0  # 0: lease_ttl / 5
-    fence_guard: float = 1.5
-    takeover_delay: float = 1.0
-    check_interval: float = 0.5
-    continuity_timeout: float = 5.0
-    doppelganger_quiet: float = 60.0
+    lease_ttl: float = _doc(5.0, "etcd lease TTL, whole seconds >= 2")
+    keepalive_interval: float = _doc(0.0, "lease renewal period; 0 means lease_ttl / 5; at "
+                                          "least 3 renewals must fit in lease_ttl - fence_guard")
+    fence_guard: float = _doc(1.5, "pause this long before the local lease deadline; more "
+                                   "than nodeos.timeout, less than lease_ttl / 2")
+    takeover_delay: float = _doc(1.0, "wait after winning before the first resume; >= 0.5")
+    check_interval: float = _doc(0.5, "agent loop period; at most takeover_delay")
+    continuity_timeout: float = _doc(5.0, "report when a new leader's head stays below the "
+                                          "previous leader's this long")
+    doppelganger_quiet: float = _doc(60.0, "no campaigning for this long after a "
+                                           "doppelganger alarm")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = "127.0.0.1:9750"
+    listen: str = _doc("127.0.0.1:9750", "`host:port` of /metrics, /health and /leader")
 
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    slack_webhook: str | None = field(default=None, repr=False)
-    webhook_url: str | None = field(default=None, repr=False)
-    pagerduty_routing_key: str | None = field(default=None, repr=False)
+    slack_webhook: str | None = _doc(None, "Slack incoming webhook URL; secret", secret=True)
+    webhook_url: str | None = _doc(None, "generic JSON webhook URL; secret", secret=True)
+    pagerduty_routing_key: str | None = _doc(None, "PagerDuty Events v2 routing key; "
+                                                   "secret", secret=True)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -375,3 +389,15 @@ def check_config_main(path: str, out: TextIO = sys.stdout, err: TextIO = sys.std
         print(f"warning: {w}", file=err)
     print(json.dumps(cfg.redacted(), indent=2), file=out)
     return 0
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table, from the dataclasses themselves,
+    so the README (which embeds it, checked by a test) cannot drift from the code."""
+    rows = ["| field | environment variable | default | meaning |", "|---|---|---|---|"]
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            shown = "-" if f.default in (None, "", ()) else f"`{f.default}`"
+            env = f"`BPLEADER_{section.upper()}_{f.name.upper()}`"
+            rows.append(f"| `{section}.{f.name}` | {env} | {shown} | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -259,7 +259,10 @@ def _cluster(nodes: list[str], workdir: Path | None) -> Iterator[Demo]:
     etcd = EtcdCluster(root / "etcd", size=3)
     etcd.start()
     try:
-        with SimCluster(PRODUCER, nodes, block_interval=0.5, pause_on_startup=True) as sim:
+        # Another producer fills half of each round, as on a real chain: our head keeps
+        # moving while none of our nodes produces, so a standby can be in sync.
+        with SimCluster(PRODUCER, nodes, block_interval=0.5, pause_on_startup=True,
+                        other_producers=["otherbp"], slots_per_producer=4) as sim:
             demo = Demo(root, nodes, etcd, sim)
             for n in nodes:
                 demo.write_config(n)
