@@ -1,0 +1,132 @@
+"""The agent's state machine and timing rules on virtual time: no sleeping, exact instants.
+
+Each test builds a simulated world (bpleader.simworld) without random faults, runs the
+production Agent in it, injects one fault by hand and checks the transitions and the
+instants at which they happen against the timing rules of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bpleader.agent import Role
+from bpleader.simworld import Scenario, World
+from bpleader.simworld.chain import Schedule
+from bpleader.simworld.scenario import FAST_TIMING
+
+T = FAST_TIMING  # lease_ttl 2, keepalive 0.3, fence_guard 0.9, takeover 0.5, check 0.25
+
+
+def world(nodes: int = 2, seed: int = 1, schedule: Schedule | None = None) -> World:
+    return World(Scenario(seed=seed, duration=600.0, nodes=nodes, timing=T, faults=None,
+                          keep_trace=None, schedule=schedule or Schedule()))
+
+
+def leader_of(w: World) -> str:
+    """The node etcd names leader; it must be the only one whose nodeos is unpaused."""
+    lead = w.etcd.leader()
+    assert lead is not None, w.trace.text()[-2000:]
+    unpaused = [n.name for n in w.nodes.values() if not n.nodeos.pause_flag]
+    assert unpaused == [lead[0]], (lead, unpaused)
+    return lead[0]
+
+
+def when(w: World, node: str, pattern: str, after: float = 0.0) -> float:
+    """Virtual time of the first trace line of ``node`` matching ``pattern`` after ``after``."""
+    for line in w.trace.lines:
+        t, who, text = float(line[:9]), line[10:17].strip(), line[18:]
+        if t >= after and who == node and re.search(pattern, text):
+            return t
+    raise AssertionError(f"no {pattern!r} for {node} after {after}:\n{w.trace.text()[-3000:]}")
+
+
+def test_startup_one_leader_resumes_after_the_takeover_delay() -> None:
+    w = world(3)
+    try:
+        w.run_until(10.0)
+        lead = leader_of(w)
+        won = when(w, lead, r"-> taking_over")
+        resumed = when(w, lead, r"event=resumed")
+        assert resumed - won >= T.takeover_delay
+        assert resumed - won < T.takeover_delay + 2 * T.check_interval
+        for n in w.nodes.values():
+            assert n.nodeos.pause_flag == (n.name != lead)
+        assert not w.violations
+    finally:
+        w.close()
+
+
+def test_frozen_leader_is_paused_by_its_guard_before_its_lease_ends() -> None:
+    w = world()
+    try:
+        w.run_until(8.0)
+        old = leader_of(w)
+        w.nodes[old].freeze()
+        frozen_at = w.loop.time()
+        w.run_until(frozen_at + 3 * T.lease_ttl)
+        paused = when(w, old, r"nodeos paused by guard", frozen_at)
+        expired = float(re.search(r"^\s*([\d.]+) etcd\s+lease \w+ expired", w.trace.text(),
+                                  re.M).group(1))  # type: ignore[union-attr]
+        assert paused < expired, "the guard must act before etcd frees the lock"
+        new = leader_of(w)
+        assert new != old
+        assert when(w, new, r"event=resumed", frozen_at) >= expired + T.takeover_delay
+        w.nodes[old].thaw(w.nodes[old].process)  # type: ignore[arg-type]
+        w.run_until(w.loop.time() + 5.0)
+        assert leader_of(w) == new and w.nodes[old].nodeos.pause_flag
+        assert not w.violations
+    finally:
+        w.close()
+
+
+def test_out_of_sync_leader_pauses_and_confirms_before_it_resigns() -> None:
+    # Other producers hold 6 s of each round: a leader cut from p2p sees its head age.
+    w = world(schedule=Schedule(ours=4, others=12))
+    try:
+        w.run_until(8.0)
+        old = leader_of(w)
+        w.nodes[old].nodeos.receiving = False  # cut from p2p: its head stops
+        cut_at = w.loop.time()
+        w.run_until(cut_at + 15.0)
+        paused = when(w, old, r"nodeos paused by agent", cut_at)
+        resigned = when(w, old, r"event=resigned", cut_at)
+        assert paused <= resigned
+        assert re.search(r"stepped down: out of sync: head stuck", w.trace.text())
+        assert leader_of(w) != old
+        assert not w.violations
+    finally:
+        w.close()
+
+
+def test_follower_unpaused_by_hand_is_paused_within_one_tick() -> None:
+    w = world()
+    try:
+        w.run_until(8.0)
+        follower = next(n for n in w.nodes.values() if n.role != Role.LEADER)
+        follower.nodeos.do_resume("operator")
+        at = w.loop.time()
+        w.run_until(at + 2.0)
+        assert when(w, follower.name, r"event=correction", at) - at <= T.check_interval + 0.35
+        assert follower.nodeos.pause_flag
+        assert follower.agent is not None and follower.agent.stats.corrections == 1
+    finally:
+        w.close()
+
+
+def test_killed_leader_is_replaced_one_lease_later() -> None:
+    w = world()
+    try:
+        w.run_until(8.0)
+        old = leader_of(w)
+        w.nodes[old].crash_agent("test")
+        at = w.loop.time()
+        w.run_until(at + 10.0)
+        new = leader_of(w)
+        took = when(w, new, r"event=resumed", at) - at
+        # The orphaned guard pauses at deadline - fence_guard; the lease must expire on
+        # etcd's clock before anyone else can win; then the takeover delay.
+        assert T.lease_ttl - T.keepalive_interval <= took <= T.lease_ttl + T.takeover_delay + 1
+        assert w.nodes[old].nodeos.pause_flag
+        assert not w.violations
+    finally:
+        w.close()
