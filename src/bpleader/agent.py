@@ -176,6 +176,7 @@ class Agent:
         self.listeners: list[Callable[[AgentEvent], None]] = []
         self._me: Candidate | None = None  # our election key, while we hold one
         self._armed = False  # True while our nodeos may be unpaused by our doing
+        self._produced = False  # armed since our last release: hand our head over
         self._won_at = 0.0  # clock.now() when we became the lowest key
         self._won_wall = 0.0
         self._continuity_reported = False
@@ -244,9 +245,16 @@ class Agent:
         return await handler(o)
 
     async def _as_starting(self, o: Observation) -> tuple[Role, str]:
-        """Whatever nodeos was doing before we started, it is paused before we campaign."""
+        """Whatever nodeos was doing before we started, it is paused before we campaign.
+
+        A nodeos that answers but will not confirm a pause may be producing for a previous
+        incarnation of this agent: mark it unfenced (layer 11) until it confirms.
+        """
         if await self._pause_confirmed("start-up", self.cfg.nodeos_timeout * 2):
             return Role.FOLLOWER, "started, nodeos paused"
+        if not isinstance(self._pause_error, NodeosUnavailable) and o.snap is not None \
+                and self.cfg.node not in o.snap.unfenced:
+            await self._mark_unfenced(o)
         return Role.STARTING, "start-up pause not confirmed yet"
 
     async def _as_follower(self, o: Observation) -> tuple[Role, str]:
@@ -281,13 +289,16 @@ class Agent:
         if o.paused is True:
             await self._release("paused now confirmed")
             return Role.FOLLOWER, "released the election key"
+        if self._produced and not isinstance(self._pause_error, NodeosUnavailable) \
+                and o.snap is not None and self.cfg.node not in o.snap.unfenced:
+            # Our lease may run out before nodeos listens (our own etcd trouble, or the
+            # fence's pause stuck behind a slow nodeos): mark now, while we can.
+            await self._mark_unfenced(o)
         if self._unconfirmed_since is None:
             self._unconfirmed_since = o.now
         elif o.now - self._unconfirmed_since > self.cfg.lease_ttl:
             self._log("abandon_lease", "pause unconfirmed for a whole lease TTL; letting the "
                       "lease expire", logging.ERROR)
-            if not isinstance(self._pause_error, NodeosUnavailable):
-                await self._mark_unfenced(o)
             self.session.abandon()
             self._me = None
             self._unconfirmed_since = None
@@ -320,8 +331,8 @@ class Agent:
         if not o.sync.in_sync:
             return await self._step_down(f"out of sync: {o.sync.reason}")
         await self._reconcile_paused(o)
-        if self._doppelganger(o):
-            return await self._doppelganger_alarm(o)
+        if o.info is not None and self._doppelganger(o):
+            return await self._doppelganger_alarm(o.info)
         blocker = self._unfenced_other(o)
         if blocker:
             return Role.TAKING_OVER, blocker
@@ -329,6 +340,11 @@ class Agent:
             return Role.TAKING_OVER, "takeover delay"
         if not self._continuity_ok(o):
             return Role.TAKING_OVER, "waiting for the previous leader's head"
+        fresh = await self._fresh_info()
+        if fresh is None:
+            return Role.TAKING_OVER, "no fresh chain state before resuming"
+        if self._signed_by_another(fresh):
+            return await self._doppelganger_alarm(fresh)
         if await self._resume_checked("takeover"):
             return Role.LEADER, "resumed production"
         return Role.TAKING_OVER, "resume not possible yet"
@@ -412,8 +428,20 @@ class Agent:
 
     def _doppelganger(self, o: Observation) -> bool:
         """Layer 7: a block by our producer newer than our win, while we are paused."""
-        return (o.info is not None and o.info.head_block_producer == self.cfg.producer
-                and o.info.head_block_time > self._won_wall + DOPPELGANGER_MARGIN)
+        return o.info is not None and self._signed_by_another(o.info)
+
+    def _signed_by_another(self, info: ChainInfo) -> bool:
+        return (info.head_block_producer == self.cfg.producer
+                and info.head_block_time > self._won_wall + DOPPELGANGER_MARGIN)
+
+    async def _fresh_info(self) -> ChainInfo | None:
+        """The chain as nodeos sees it right now: the tick's view may be a check interval
+        old, and the block that betrays a doppelganger may have arrived since."""
+        try:
+            return await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)
+        except NodeosError as exc:
+            self._nodeos_error(exc)
+            return None
 
     def _unfenced_other(self, o: Observation) -> str:
         """Why we may not resume because another node may still produce, or empty."""
@@ -502,12 +530,11 @@ class Agent:
             await self._release(reason)
         return Role.FOLLOWER, f"stepped down: {reason}"
 
-    async def _doppelganger_alarm(self, o: Observation) -> tuple[Role, str]:
-        assert o.info is not None
+    async def _doppelganger_alarm(self, info: ChainInfo) -> tuple[Role, str]:
         self.stats.doppelgangers += 1
-        self._quiet_until = o.now + self.cfg.doppelganger_quiet
-        self._log("doppelganger", f"block {o.info.head_block_num} signed by "
-                  f"{self.cfg.producer} at {o.info.head_block_time:.1f} after we won at "
+        self._quiet_until = self.clock.now() + self.cfg.doppelganger_quiet
+        self._log("doppelganger", f"block {info.head_block_num} signed by "
+                  f"{self.cfg.producer} at {info.head_block_time:.1f} after we won at "
                   f"{self._won_wall:.1f}: another node produces with our key",
                   logging.CRITICAL)
         await self._step_down("doppelganger detected")
@@ -521,17 +548,32 @@ class Agent:
             await self._release(reason)
 
     async def _release(self, reason: str) -> None:
-        """Delete our election key; only ever called with nodeos confirmed paused."""
+        """Delete our election key; only ever called with nodeos confirmed paused.
+
+        If we may have produced, the same transaction leaves our final head for the next
+        leader (layer 10): our nodes/ record dies with the lease and may be a few blocks
+        old, and a successor that signs below our last block forks the chain.
+        """
         self._disarm()
         self._unconfirmed_since = None
         me, self._me = self._me, None
         if me is None:
             return
+        last_head = await self._final_head() if self._produced else 0
+        self._produced = False
         try:
-            await self.store.resign(me)
+            await self.store.resign(me, last_head)
         except StoreError as exc:
             self._etcd_error(exc)  # the key goes with the lease in the worst case
         self._log("resigned", reason)
+
+    async def _final_head(self) -> int:
+        """Our head once paused; the last observed one if nodeos does not answer now."""
+        try:
+            return (await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)).head_block_num
+        except NodeosError as exc:
+            self._nodeos_error(exc)
+            return self.last.info.head_block_num if self.last and self.last.info else 0
 
     async def _pause_confirmed(self, reason: str, budget: float) -> bool:
         """Pause and read back ``paused``; True only when nodeos confirms."""
@@ -604,6 +646,8 @@ class Agent:
             for rec in snap.records.values():
                 if rec.valid and rec.role == Role.LEADER.value and rec.node != self.cfg.node:
                     self._prev_leader_head = max(self._prev_leader_head, rec.head_block_num)
+            if snap.handover is not None and snap.handover[0] != self.cfg.node:
+                self._prev_leader_head = max(self._prev_leader_head, snap.handover[1])
         return Observation(now, wall, info, sync, paused, snap)
 
     def _ok(self, result: object, kind: type[T]) -> T | None:
@@ -634,7 +678,7 @@ class Agent:
     # ---------------------------------------------------------- fence plumbing
 
     def _arm(self) -> None:
-        self._armed = True
+        self._armed = self._produced = True
         if self.session.deadline is not None:
             self.fencer.arm(self.session.deadline - self.cfg.fence_guard)
 

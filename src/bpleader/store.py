@@ -73,6 +73,10 @@ class Keys:
         return f"{self.root}maintenance"
 
     @property
+    def handover(self) -> str:
+        return f"{self.root}handover"
+
+    @property
     def unfenced(self) -> str:
         return f"{self.root}unfenced/"
 
@@ -172,6 +176,8 @@ class Snapshot:
     maintenance: str | None = None
     # Nodes that gave up their lease without a confirmed pause: they may still produce.
     unfenced: Mapping[str, str] = field(default_factory=dict)
+    # (node, head) the last leader left behind when it resigned with nodeos paused.
+    handover: tuple[str, int] | None = None
     # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
     # written by someone else (or garbage), counted so that it is seen, never trusted.
     rejected: tuple[str, ...] = ()
@@ -194,6 +200,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     switchover: str | None = None
     maintenance: str | None = None
     unfenced: dict[str, str] = {}
+    handover: tuple[str, int] | None = None
     rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
@@ -215,6 +222,10 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
+        elif key == keys.handover:
+            handover = parse_handover(text)
+            if handover is None:
+                rejected.append(f"{shown}: unreadable handover record")
         elif key.startswith(keys.unfenced):
             # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
@@ -222,7 +233,25 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             rejected.append(f"{shown}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
     return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
-                    tuple(rejected))
+                    handover, tuple(rejected))
+
+
+def handover_value(node: str, head: int) -> str:
+    return json.dumps({"node": node, "head": head})
+
+
+def parse_handover(text: str) -> tuple[str, int] | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    node, head = data.get("node"), data.get("head")
+    if not isinstance(node, str) or not isinstance(head, int) or isinstance(head, bool) \
+            or not 0 < head < 2**32:
+        return None
+    return node[:128], head
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -253,8 +282,9 @@ class Store(Protocol):
         """One transaction: our key still exists with its create revision and is the lowest."""
         ...
 
-    async def resign(self, me: Candidate) -> None:
-        """Delete our election key, only if it is still ours."""
+    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+        """Delete our election key, only if it is still ours; in the same transaction,
+        when ``last_head`` is given, record it as the handover head for the next leader."""
         ...
 
     async def publish(self, record: NodeRecord, lease_id: int) -> None: ...
@@ -467,11 +497,14 @@ class EtcdStore:
 
         return await self._run("confirm_leader", check)
 
-    async def resign(self, me: Candidate) -> None:
+    async def resign(self, me: Candidate, last_head: int = 0) -> None:
         def delete(c: Any) -> None:
             t = c.transactions
-            c.transaction(compare=[t.create(me.key) == me.create_revision],
-                          success=[t.delete(me.key)], failure=[])
+            ops = [t.delete(me.key)]
+            if last_head > 0:
+                ops.append(t.put(self.keys.handover, handover_value(me.node, last_head)))
+            c.transaction(compare=[t.create(me.key) == me.create_revision], success=ops,
+                          failure=[])
 
         await self._run("resign", delete)
 

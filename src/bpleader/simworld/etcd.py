@@ -22,7 +22,16 @@ from typing import Any, TypeVar
 
 from bpleader.simworld.process import Process
 from bpleader.simworld.trace import Trace
-from bpleader.store import Candidate, Keys, Lease, NodeRecord, Snapshot, StoreError, parse_snapshot
+from bpleader.store import (
+    Candidate,
+    Keys,
+    Lease,
+    NodeRecord,
+    Snapshot,
+    StoreError,
+    handover_value,
+    parse_snapshot,
+)
 
 T = TypeVar("T")
 
@@ -167,11 +176,13 @@ class SimEtcd:
         revisions = [kv.create_revision for k, kv in self.kvs.items() if k.startswith(election)]
         return min(revisions) == me.create_revision
 
-    def resign(self, me: Candidate) -> None:
+    def resign(self, me: Candidate, last_head: int = 0) -> None:
         self.expire()
         own = self.kvs.get(me.key)
         if own is not None and own.create_revision == me.create_revision:
             self._delete(me.key)
+            if last_head > 0:
+                self._put(self.keys.handover, handover_value(me.node, last_head).encode(), 0)
             self.trace.add("etcd", f"resign {me.node} key {me.lease_id:x} rev "
                            f"{me.create_revision}")
 
@@ -362,8 +373,8 @@ class StoreClient:
     async def confirm_leader(self, me: Candidate) -> bool:
         return await self._call("confirm_leader", lambda: self._etcd.confirm_leader(me))
 
-    async def resign(self, me: Candidate) -> None:
-        await self._call("resign", lambda: self._etcd.resign(me))
+    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+        await self._call("resign", lambda: self._etcd.resign(me, last_head))
 
     async def publish(self, record: NodeRecord, lease_id: int) -> None:
         await self._call("publish", lambda: self._etcd.publish(record, lease_id))

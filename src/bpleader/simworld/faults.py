@@ -189,7 +189,7 @@ class FaultScheduler(CallHooks):
             setattr(node.nodeos, attr, value)
             node.nodeos.recover()
             # Requests queued or delayed by the fault may still land a little later.
-            node.api_fault_until = self.now() + 1.0
+            node.api_fault_until = max(node.api_fault_until, self.now() + 1.0)
         return heal
 
     def _nodeos_hang(self, node: Node) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
-from bpleader.nodeos import NodeosError, SyncEvaluator
+from bpleader.nodeos import ChainInfo, NodeosError, SyncEvaluator
 from bpleader.simworld.world import AgentFactory
 from bpleader.store import Store
 
@@ -105,7 +105,7 @@ class ReleaseBeforePauseAgent(Agent):
 class NoDoppelgangerAgent(Agent):
     """Layer 7 gone: never look for blocks signed by someone else with our key."""
 
-    def _doppelganger(self, o: Observation) -> bool:
+    def _signed_by_another(self, info: ChainInfo) -> bool:
         return False
 
 
