@@ -27,7 +27,15 @@ from hypothesis import strategies as st
 
 from bpleader.agent import Agent, AgentSettings, Role
 from bpleader.nodeos import NodeosClient, SyncEvaluator
-from bpleader.store import Candidate, Keys, Lease, NodeRecord, Snapshot, parse_snapshot
+from bpleader.store import (
+    Candidate,
+    Keys,
+    Lease,
+    NodeRecord,
+    Snapshot,
+    handover_value,
+    parse_snapshot,
+)
 
 PRODUCER = "mybp"
 NODE = "bp-a"
@@ -262,14 +270,21 @@ class FakeStore:
             return key_rev[1] == me.create_revision and min(revs) == me.create_revision
         return False
 
-    async def resign(self, me: Candidate) -> None:
-        self.kv.pop(me.key, None)
+    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+        if self.kv.pop(me.key, None) is not None and last_head > 0:
+            self.kv[self.keys.handover] = (handover_value(me.node, last_head).encode(), 1, 0)
 
     async def publish(self, record: NodeRecord, lease_id: int) -> None:
         self.kv[self.keys.node(record.node)] = (record.to_json().encode(), 1, lease_id)
 
     async def clear_switchover(self, target: str) -> None:
         pass
+
+    async def mark_unfenced(self, node: str, reason: str) -> None:
+        self.kv[self.keys.unfenced_node(node)] = (reason.encode(), 1, 0)
+
+    async def clear_unfenced(self, node: str) -> None:
+        self.kv.pop(self.keys.unfenced_node(node), None)
 
 
 @dataclass
