@@ -188,6 +188,7 @@ class Agent:
         self._last_switchover: str | None = None
         self._switchover_from_me = False
         self._prev_leader_head = 0
+        self._peer_head = 0  # highest head another live, in-sync node reports right now
         self._unconfirmed_since: float | None = None
         self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
         self._blocked_by = ""  # the unfenced node we last reported waiting for
@@ -482,16 +483,19 @@ class Agent:
         self._log("unfenced_cleared", "nodeos confirms paused")
 
     def _continuity_ok(self, o: Observation) -> bool:
-        """Layer 10: build on the newest head the previous leader published."""
+        """Layer 10: build on the newest head the previous leader published, and on no
+        head older than one another live node already has: a node cut from the p2p
+        network looks in sync for max_head_lag, and would sign on a stale head (a fork)."""
         head = o.info.head_block_num if o.info else 0
-        if head >= self._prev_leader_head:
+        if head >= max(self._prev_leader_head, self._peer_head):
             return True
         if not self._continuity_reported and \
                 o.now > self._won_at + self.cfg.takeover_delay + self.cfg.continuity_timeout:
             self._continuity_reported = True
             self.stats.continuity_waits += 1
             self._log("continuity_timeout", f"own head {head} still below the previous "
-                      f"leader's {self._prev_leader_head}; not resuming", logging.ERROR)
+                      f"leader's {self._prev_leader_head} or another node's "
+                      f"{self._peer_head}; not resuming", logging.ERROR)
         return False
 
     async def _resume_checked(self, why: str) -> bool:
@@ -648,6 +652,9 @@ class Agent:
                     self._prev_leader_head = max(self._prev_leader_head, rec.head_block_num)
             if snap.handover is not None and snap.handover[0] != self.cfg.node:
                 self._prev_leader_head = max(self._prev_leader_head, snap.handover[1])
+            self._peer_head = max((r.head_block_num for r in snap.records.values()
+                                   if r.valid and r.in_sync and r.lease_id
+                                   and r.node != self.cfg.node), default=0)
         return Observation(now, wall, info, sync, paused, snap)
 
     def _ok(self, result: object, kind: type[T]) -> T | None:
