@@ -109,6 +109,19 @@ class NoDoppelgangerAgent(Agent):
         return False
 
 
+class NoUnfencedMarkAgent(Agent):
+    """Layer 11 gone: a node that cannot confirm its pause leaves no mark."""
+
+    async def _mark_unfenced(self, o: Observation) -> None:
+        return None
+
+
+class NoDoppelgangerNoMarkAgent(NoUnfencedMarkAgent, NoDoppelgangerAgent):
+    """Layers 7 and 11 gone together: they guard the same case (a node still producing
+    after it lost the lock without a confirmed pause), so either alone covers for the
+    other in the simulation; only without both does that case go unseen."""
+
+
 class NoContinuityAgent(Agent):
     """Layer 10 gone: resume on whatever head we have."""
 
@@ -124,5 +137,7 @@ AGENTS: dict[str, AgentFactory] = {
     "no-confirm-leader": NoConfirmLeaderAgent,
     "release-before-pause": ReleaseBeforePauseAgent,
     "no-doppelganger": NoDoppelgangerAgent,
+    "no-unfenced-mark": NoUnfencedMarkAgent,
+    "no-doppelganger-no-mark": NoDoppelgangerNoMarkAgent,
     "no-continuity": NoContinuityAgent,
 }
