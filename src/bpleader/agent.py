@@ -42,6 +42,9 @@ T = TypeVar("T")
 # effect at the next slot start: blocks of a leader that paused just before we won may
 # carry timestamps up to one slot after that. Anything later than this is someone else.
 DOPPELGANGER_MARGIN = 0.6
+# The watch must last until the first block past that margin could have arrived (one
+# more slot, plus propagation): with a shorter takeover delay the check would be blind.
+DOPPELGANGER_WATCH = DOPPELGANGER_MARGIN + 0.5 + 0.1
 
 
 class Role(str, Enum):
@@ -337,7 +340,7 @@ class Agent:
         blocker = self._unfenced_other(o)
         if blocker:
             return Role.TAKING_OVER, blocker
-        if o.now < self._won_at + self.cfg.takeover_delay:
+        if o.now < self._won_at + self._takeover_wait():
             return Role.TAKING_OVER, "takeover delay"
         if not self._continuity_ok(o):
             return Role.TAKING_OVER, "waiting for the previous leader's head"
@@ -426,6 +429,10 @@ class Agent:
                 and o.snap.leader.key == me.key
                 and o.snap.leader.create_revision == me.create_revision
                 and self.session.holds(me.lease_id, o.now, self.cfg.fence_guard))
+
+    def _takeover_wait(self) -> float:
+        """Layer 5, long enough for layer 7 to see one slot past its margin."""
+        return max(self.cfg.takeover_delay, DOPPELGANGER_WATCH)
 
     def _doppelganger(self, o: Observation) -> bool:
         """Layer 7: a block by our producer newer than our win, while we are paused."""

@@ -8,8 +8,6 @@ production state machine keeps running as it is.
 
 from __future__ import annotations
 
-import dataclasses
-
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
 from bpleader.nodeos import ChainInfo, NodeosError, SyncEvaluator
@@ -47,11 +45,11 @@ class NoFenceAgent(Agent):
         return await handler(o)
 
 
-def no_takeover_delay(settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
-                      fencer: Fencer, sync: SyncEvaluator) -> Agent:
-    """Layer 5 gone: takeover_delay 0, which config.py would refuse."""
-    return Agent(dataclasses.replace(settings, takeover_delay=0.0), clock, store, nodeos,
-                 fencer, sync)
+class NoTakeoverDelayAgent(Agent):
+    """Layer 5 gone: resume as soon as elected (config.py would refuse takeover_delay 0)."""
+
+    def _takeover_wait(self) -> float:
+        return 0.0
 
 
 class NoFencingCheckAgent(Agent):
@@ -132,7 +130,7 @@ class NoContinuityAgent(Agent):
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
-    "no-takeover-delay": no_takeover_delay,
+    "no-takeover-delay": NoTakeoverDelayAgent,
     "no-fencing-check": NoFencingCheckAgent,
     "no-confirm-leader": NoConfirmLeaderAgent,
     "release-before-pause": ReleaseBeforePauseAgent,
