@@ -508,19 +508,10 @@ class Agent:
     async def _resume_checked(self, why: str) -> bool:
         """Layer 6: re-check etcd in this step, with enough lease left for the resume."""
         me = self._me
-        needed = self.cfg.fence_guard + self.cfg.nodeos_timeout
-        if me is None or not self.session.holds(me.lease_id, self.clock.now(), needed):
+        if me is None or not self._lease_covers_resume(me):
             return False
         self._arm()
-        try:
-            still_leader = await self.store.confirm_leader(me)
-        except StoreError as exc:
-            self._etcd_error(exc)
-            return False
-        if not still_leader:
-            self._log("fencing_check", "etcd no longer names us leader; not resuming")
-            return False
-        if not self.session.holds(me.lease_id, self.clock.now(), needed):
+        if not await self._etcd_confirms(me) or not self._lease_covers_resume(me):
             return False
         try:
             await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
@@ -529,11 +520,27 @@ class Agent:
             return False
         self.stats.resumes += 1
         self._log("resumed", why)
-        if not self.session.holds(me.lease_id, self.clock.now(), self.cfg.fence_guard):
+        if not self._lease_covers_resume(me, after=True):
             # We stalled between the check and the resume (a freeze): undo it at once.
             await self._fence("stalled while resuming")
             return False
         return True
+
+    def _lease_covers_resume(self, me: Candidate, after: bool = False) -> bool:
+        """Enough lease left for the resume call (before it) or for the fence (after)."""
+        needed = self.cfg.fence_guard + (0.0 if after else self.cfg.nodeos_timeout)
+        return self.session.holds(me.lease_id, self.clock.now(), needed)
+
+    async def _etcd_confirms(self, me: Candidate) -> bool:
+        """One transaction: our key still exists, with its revision, and is the lowest."""
+        try:
+            still_leader = await self.store.confirm_leader(me)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return False
+        if not still_leader:
+            self._log("fencing_check", "etcd no longer names us leader; not resuming")
+        return still_leader
 
     async def _step_down(self, reason: str) -> tuple[Role, str]:
         """Layer 4: pause, confirm, and only then delete the election key."""

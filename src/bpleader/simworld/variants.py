@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
-from bpleader.nodeos import ChainInfo, NodeosError, SyncEvaluator
+from bpleader.nodeos import ChainInfo, SyncEvaluator
 from bpleader.simworld.world import AgentFactory
-from bpleader.store import Store
+from bpleader.store import Candidate, Store
 
 
 class _NoFencer:
@@ -52,42 +52,17 @@ class NoTakeoverDelayAgent(Agent):
         return 0.0
 
 
-class NoFencingCheckAgent(Agent):
-    """Layer 6 gone: resume without re-reading etcd or the lease time in that step."""
-
-    async def _resume_checked(self, why: str) -> bool:
-        if self._me is None:
-            return False
-        self._arm()
-        try:
-            await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
-        except NodeosError as exc:
-            self._nodeos_error(exc)
-            return False
-        self.stats.resumes += 1
-        self._log("resumed", why)
-        return True
-
-
 class NoConfirmLeaderAgent(Agent):
     """Only the etcd transaction of layer 6 gone; the lease-time checks stay."""
 
-    async def _resume_checked(self, why: str) -> bool:
-        me = self._me
-        needed = self.cfg.fence_guard + self.cfg.nodeos_timeout
-        if me is None or not self.session.holds(me.lease_id, self.clock.now(), needed):
-            return False
-        self._arm()
-        try:
-            await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
-        except NodeosError as exc:
-            self._nodeos_error(exc)
-            return False
-        self.stats.resumes += 1
-        self._log("resumed", why)
-        if not self.session.holds(me.lease_id, self.clock.now(), self.cfg.fence_guard):
-            await self._fence("stalled while resuming")
-            return False
+    async def _etcd_confirms(self, me: Candidate) -> bool:
+        return True
+
+
+class NoFencingCheckAgent(NoConfirmLeaderAgent):
+    """Layer 6 gone: resume without re-reading etcd or the lease time in that step."""
+
+    def _lease_covers_resume(self, me: Candidate, after: bool = False) -> bool:
         return True
 
 
