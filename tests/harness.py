@@ -34,6 +34,11 @@ FAST_TIMING = {
     "continuity_timeout": 3.0,
     "doppelganger_quiet": 10.0,
 }
+# The simulated chain of agent tests: another producer fills half of every round, as on a
+# real chain. Without it the head would stop whenever our leader stops, and a standby
+# (or a new leader during its takeover delay) could never look in sync.
+CHAIN: dict[str, Any] = {"block_interval": 0.5, "other_producers": ["otherbp"],
+                         "slots_per_producer": 4}
 RESULTS = Path(os.environ.get("BPLEADER_RESULTS", "/tmp/bpleader-test-results.jsonl"))
 
 

@@ -18,14 +18,11 @@ import pytest
 
 from bpleader.localetcd import EtcdCluster
 from bpleader.sim import SimCluster
-from harness import PRODUCER, World, record_result, wait_for
+from harness import CHAIN, PRODUCER, World, record_result, wait_for
 
 pytestmark = pytest.mark.integration
 
 NODES = ["bp-a", "bp-b"]
-# Another producer fills half of every round, as on a real chain: without it the head
-# would stop whenever our leader stops, and a standby could never look in sync.
-CHAIN = {"block_interval": 0.5, "other_producers": ["otherbp"], "slots_per_producer": 4}
 
 
 @pytest.fixture

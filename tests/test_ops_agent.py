@@ -18,7 +18,7 @@ import pytest
 
 from bpleader.localetcd import EtcdCluster
 from bpleader.sim import SimCluster
-from harness import PRODUCER, AgentProc, World, wait_for
+from harness import CHAIN, PRODUCER, AgentProc, World, wait_for
 from ops_http import Hook, HookServer
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ REQUIRED = {
 
 @pytest.fixture
 def world(etcd1: EtcdCluster, tmp_path: Path) -> Iterator[World]:
-    with SimCluster(PRODUCER, ["bp-a"], block_interval=0.5, pause_on_startup=True) as sim:
+    with SimCluster(PRODUCER, ["bp-a"], pause_on_startup=True, **CHAIN) as sim:
         w = World(tmp_path, etcd1.endpoints, sim)
         try:
             yield w

@@ -27,7 +27,7 @@ import pytest
 
 from bpleader.sim import SimCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, StoreError
-from harness import PRODUCER, AgentProc, World, toml_value
+from harness import CHAIN, PRODUCER, AgentProc, World, toml_value
 from pki import Pki, make_pki
 from secetcd import SecureEtcd
 
@@ -106,7 +106,7 @@ def test_agents_elect_and_fail_over_over_tls_with_rbac(secure_etcd: SecureEtcd, 
     """Also the secret-leak check: every output of this full run is grepped for the
     password and the webhook URL."""
     nodes = ["bp-a", "bp-b"]
-    with SimCluster(PRODUCER, nodes, block_interval=0.5, pause_on_startup=True) as sim:
+    with SimCluster(PRODUCER, nodes, pause_on_startup=True, **CHAIN) as sim:
         world = SecureWorld(tmp_path, [secure_etcd.endpoint], sim, pki=pki)
         try:
             for n in nodes:
@@ -189,7 +189,7 @@ def test_refused_agents_stay_paused_with_one_clear_line_and_backoff(
         secure_etcd: SecureEtcd, pki: Pki, tmp_path: Path) -> None:
     names = [case for case, _, _ in REFUSALS]
     observe_s = 7.0
-    with SimCluster(PRODUCER, names, block_interval=0.5, pause_on_startup=True) as sim:
+    with SimCluster(PRODUCER, names, pause_on_startup=True, **CHAIN) as sim:
         world = SecureWorld(tmp_path, [secure_etcd.endpoint], sim, pki=pki)
         try:
             for case, overrides, _ in REFUSALS:
