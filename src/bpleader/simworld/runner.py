@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult
 from typing import TextIO
 
 from bpleader.simworld.faults import FaultScheduler
@@ -38,14 +40,28 @@ def run_job(job: Job) -> Result:
 
 
 def explore(seeds: Iterable[int], duration: float, agent: str = "real", jobs: int = 1,
-            keep_trace: int | None = 400) -> Iterator[Result]:
-    """Results as they come (in any order when ``jobs`` > 1)."""
+            keep_trace: int | None = 400, deadline: float = math.inf) -> Iterator[Result]:
+    """Results as they come (in any order when ``jobs`` > 1); no seed is started after
+    ``deadline`` (time.monotonic()), the ones running are finished."""
     work = (Job(seed, duration, agent, keep_trace) for seed in seeds)
     if jobs <= 1:
-        yield from map(run_job, work)
+        for job in work:
+            if time.monotonic() >= deadline:
+                return
+            yield run_job(job)
         return
+    # Submitted a few at a time: Pool.imap would drain the whole seed range at once,
+    # and the deadline could not stop it.
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        yield from pool.imap_unordered(run_job, work, chunksize=1)
+        running: deque[AsyncResult[Result]] = deque()
+        for job in work:
+            if time.monotonic() >= deadline:
+                break
+            running.append(pool.apply_async(run_job, (job,)))
+            while len(running) >= 2 * jobs:
+                yield running.popleft().get()
+        while running:
+            yield running.popleft().get()
 
 
 @dataclass
@@ -117,22 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         print_result(result, out, args.trace)
         totals.add(result)
     else:
-        seeds: Iterable[int] = range(args.first_seed, args.first_seed + args.seeds)
-        if args.wall_limit:
-            seeds = _until(seeds, started + args.wall_limit)
-        for result in explore(seeds, duration, args.agent, args.jobs):
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        deadline = started + args.wall_limit if args.wall_limit else math.inf
+        for result in explore(seeds, duration, args.agent, args.jobs, deadline=deadline):
             totals.add(result)
             print_result(result, out, False)
             out.flush()
     print_totals(totals, time.monotonic() - started, out)
     return 1 if totals.violations else 0
-
-
-def _until(seeds: Iterable[int], deadline: float) -> Iterator[int]:
-    for seed in seeds:
-        if time.monotonic() >= deadline:
-            return
-        yield seed
 
 
 
