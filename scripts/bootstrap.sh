@@ -16,6 +16,8 @@ command -v keepalived >/dev/null 2>&1 || need_apt+=(keepalived)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# The security tests make their own CA and certificates with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo_cmd=()
     [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
