@@ -77,3 +77,10 @@ def test_the_same_seeds_under_a_gentler_fault_mix_stay_live() -> None:
     for seed in range(6):
         result = simulate(Scenario.explore(seed, 150.0, faults=faults))
         assert not result.violations, (seed, result.violations[0].text)
+
+
+def test_virtual_time_never_stalls_on_clock_rounding() -> None:
+    """Seed 2190 once hung the runner: a guard due at a host-clock instant that rounded
+    to just before it rescheduled itself at the same virtual instant forever."""
+    result = simulate(Scenario.explore(2190, 900.0))
+    assert result.sim_seconds >= 900.0 or result.violations

@@ -19,6 +19,8 @@ from bpleader.simworld.loop import SimLoop
 from bpleader.simworld.nodeos import NodeosClient, SimNodeos
 from bpleader.simworld.trace import Trace
 
+# Local and true time convert through a rate: equal instants may differ by rounding.
+ROUNDING = 1e-6
 
 class SimGuard:
     def __init__(self, loop: SimLoop, host: HostClock, nodeos: SimNodeos, timeout: float,
@@ -76,14 +78,17 @@ class SimGuard:
         self._timer = None
         if self.pause_at is None or self.exited:
             return
-        if self.host.now() < self.pause_at:  # the clock's rate changed since arming
+        # The clock's rate changed since arming. The tolerance absorbs float rounding of
+        # local -> true -> local time, which would otherwise reschedule at this very
+        # instant forever and stop virtual time.
+        if self.host.now() < self.pause_at - ROUNDING:
             self._schedule()
         elif self._task is None:
             self._task = self.loop.spawn(self._enforce(), None)
 
     async def _enforce(self) -> None:
         try:
-            while self.pause_at is not None and self.host.now() >= self.pause_at:
+            while self.pause_at is not None and self.host.now() >= self.pause_at - ROUNDING:
                 if self.orphaned and self.host.now() > self.pause_at + GIVE_UP_AFTER:
                     self.trace.add(self.name, "guard gave up: pause never confirmed")
                     self._exit()
