@@ -54,18 +54,20 @@ def test_without_faults_one_leader_produces_every_slot_of_ours() -> None:
     assert resumes == 1, result.trace  # elected once, never handed over
 
 
-# Removing the doppelganger check (layer 7) or the unfenced mark (layer 11) alone is not
-# caught within CATCH_WITHIN seeds: they guard the same case (a node still producing after
-# it lost the lock without a confirmed pause) and each covers for the other in every
-# schedule the fault scheduler makes. "no-doppelganger-no-mark" removes both and is
-# caught; see the README.
+# Three layers guard the same case, a node still producing after it lost the lock without
+# a confirmed pause: the doppelganger check (7), the unfenced mark (11) and the guard's kill
+# command (8, when nodeos.kill_command is configured). Removing any one alone is not caught
+# within CATCH_WITHIN seeds, the others cover for it; "no-doppelganger-no-mark" in a
+# deployment without a kill command removes all three and is caught. See the README.
 COVERED_BY_OTHER_LAYERS = {"no-doppelganger", "no-unfenced-mark"}
+WITHOUT_KILL_FENCE = {"no-doppelganger-no-mark"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - COVERED_BY_OTHER_LAYERS))
 def test_each_weakened_safety_layer_is_caught(agent: str) -> None:
+    kill_fence = agent not in WITHOUT_KILL_FENCE
     for seed in range(CATCH_WITHIN):
-        result = simulate(Scenario.explore(seed, SECONDS, agent=agent))
+        result = simulate(Scenario.explore(seed, SECONDS, agent=agent, kill_fence=kill_fence))
         if any(v.kind == "double-production" for v in result.violations):
             return
     pytest.fail(f"{agent}: no double production found in {CATCH_WITHIN} seeds")

@@ -63,6 +63,10 @@ class NodeosConfig:
     timeout: float = _doc(0.5, "seconds for each nodeos call")
     max_head_lag: float = _doc(3.0, "in sync while now - head_block_time is at most this")
     chain_id: str | None = _doc(None, "64 hex digits: refuse a nodeos on another chain")
+    kill_command: str | None = _doc(None, "last-resort fence: the guard runs this (e.g. "
+                                          "`systemctl kill -s KILL nodeos`) when nodeos "
+                                          "does not confirm a pause after the deadline; "
+                                          "recommended")
 
 
 @dataclass(frozen=True)

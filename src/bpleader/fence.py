@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -113,10 +114,13 @@ class GuardProcess:
     (a pipe holds many lines) and a dead guard is restarted on the next command.
     """
 
-    def __init__(self, url: str, timeout: float, check_interval: float, node: str) -> None:
+    def __init__(self, url: str, timeout: float, check_interval: float, node: str,
+                 kill_command: str | None = None) -> None:
         self._argv = [sys.executable, "-m", "bpleader.fence", "--url", url,
                       "--timeout", str(timeout), "--check-interval", str(check_interval),
                       "--node", node]
+        if kill_command:
+            self._argv += ["--kill-command", kill_command]
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
@@ -196,6 +200,8 @@ def guard_main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=0.5)
     p.add_argument("--check-interval", type=float, default=0.5)
     p.add_argument("--node", default="")
+    p.add_argument("--kill-command", default="",
+                   help="run once per deadline when nodeos does not confirm the pause")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s bpleader-guard %(message)s")
@@ -208,13 +214,21 @@ def guard_main(argv: list[str] | None = None) -> int:
     ctx = f"node={args.node} role=guard"
     reported: tuple[float | None, bool] = (None, False)  # one log line per arm and outcome
 
+    killed_for: float | None = None
+
     def enforce() -> bool:
-        nonlocal reported
+        nonlocal reported, killed_for
         ok, reason = pause_confirmed(args.url, args.timeout, max(args.timeout * 4, 1.0))
         if reported != (pause_at, ok):
             reported = (pause_at, ok)
             log.warning("%s event=fence_fired source=guard confirmed=%s reason=%r", ctx, ok,
                         reason)
+        if not ok and args.kill_command and killed_for != pause_at:
+            # A nodeos whose API hangs may still be signing: nothing but stopping the
+            # process fences it. Once per deadline; systemd starts it again, paused.
+            killed_for = pause_at
+            log.error("%s event=fence_kill reason=%r", ctx, f"pause unconfirmed: {reason}")
+            run_kill_command(args.kill_command, ctx)
         return ok
 
     def on_term(_sig: int, _frame: object) -> None:
@@ -253,6 +267,17 @@ def guard_main(argv: list[str] | None = None) -> int:
             next_check = now + args.check_interval
             if enforce() and not parent_alive:
                 return 0
+
+
+def run_kill_command(command: str, ctx: str) -> None:
+    try:
+        res = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=10)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        log.error("%s event=fence_kill_failed reason=%r", ctx, f"{type(exc).__name__}: {exc}")
+        return
+    if res.returncode != 0:
+        log.error("%s event=fence_kill_failed reason=%r", ctx,
+                  f"exit {res.returncode}: {(res.stderr or res.stdout).strip()[:200]}")
 
 
 def fence_command(url: str, timeout: float, budget: float) -> int:

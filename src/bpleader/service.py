@@ -86,7 +86,8 @@ async def run_agent(cfg: Config) -> int:
     settings = agent_settings(cfg)
     node = cfg.node.name
     url, timeout = cfg.nodeos.url, cfg.nodeos.timeout
-    guard = GuardProcess(url, timeout, cfg.timing.check_interval, node)
+    guard = GuardProcess(url, timeout, cfg.timing.check_interval, node,
+                         cfg.nodeos.kill_command)
     guard.start()
     # The thread's pause must finish before the lease ends: the fence guard bounds it.
     thread = ThreadFence(lambda: pause_confirmed(url, timeout, cfg.timing.fence_guard),

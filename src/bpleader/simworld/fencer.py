@@ -11,6 +11,7 @@ guard still fences at its time, then exits (a disarmed one exits at once).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from bpleader.fence import GIVE_UP_AFTER
 from bpleader.nodeos import NodeosError
@@ -24,7 +25,10 @@ ROUNDING = 1e-6
 
 class SimGuard:
     def __init__(self, loop: SimLoop, host: HostClock, nodeos: SimNodeos, timeout: float,
-                 check_interval: float, trace: Trace) -> None:
+                 check_interval: float, trace: Trace,
+                 kill: Callable[[], None] | None = None) -> None:
+        self.kill = kill  # nodeos.kill_command: stop the nodeos process
+        self._killed_for: float | None = None
         self.loop = loop
         self.host = host
         self.name = nodeos.name
@@ -98,6 +102,11 @@ class SimGuard:
                 self.fired += 1
                 confirmed = await self._pause_confirmed(max(self.timeout * 4, 1.0))
                 self.trace.add(self.name, f"guard fired: confirmed={confirmed}")
+                if not confirmed and self.kill is not None and \
+                        self._killed_for != self.pause_at:
+                    self._killed_for = self.pause_at
+                    self.trace.add(self.name, "guard ran the kill command")
+                    self.kill()
                 if self.orphaned and confirmed:
                     self._exit()
                     return

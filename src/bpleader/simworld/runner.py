@@ -31,19 +31,21 @@ class Job:
     duration: float
     agent: str
     keep_trace: int | None
+    kill_fence: bool = True
 
 
 def run_job(job: Job) -> Result:
     scenario = Scenario.explore(job.seed, job.duration, agent=job.agent,
-                                keep_trace=job.keep_trace)
+                                keep_trace=job.keep_trace, kill_fence=job.kill_fence)
     return simulate(scenario)
 
 
 def explore(seeds: Iterable[int], duration: float, agent: str = "real", jobs: int = 1,
-            keep_trace: int | None = 400, deadline: float = math.inf) -> Iterator[Result]:
+            keep_trace: int | None = 400, deadline: float = math.inf,
+            kill_fence: bool = True) -> Iterator[Result]:
     """Results as they come (in any order when ``jobs`` > 1); no seed is started after
     ``deadline`` (time.monotonic()), the ones running are finished."""
-    work = (Job(seed, duration, agent, keep_trace) for seed in seeds)
+    work = (Job(seed, duration, agent, keep_trace, kill_fence) for seed in seeds)
     if jobs <= 1:
         for job in work:
             if time.monotonic() >= deadline:
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="simulated hours per seed (default 10 minutes)")
     p.add_argument("--agent", choices=sorted(AGENTS), default="real",
                    help="the real agent, or one with a safety layer removed")
+    p.add_argument("--no-kill-fence", action="store_true",
+                   help="model a deployment without nodeos.kill_command")
     p.add_argument("--replay", type=int, metavar="SEED", help="replay one seed exactly")
     p.add_argument("--trace", action="store_true", help="print the whole trace (replay)")
     p.add_argument("--wall-limit", type=float, default=0.0,
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = Totals()
     if args.replay is not None:
         scenario = Scenario.explore(args.replay, duration, agent=args.agent,
-                                    keep_trace=None if args.trace else 400)
+                                    keep_trace=None if args.trace else 400,
+                                    kill_fence=not args.no_kill_fence)
         result = simulate(scenario)
         out.write(f"scenario: {result.scenario}\n")
         print_result(result, out, args.trace)
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         deadline = started + args.wall_limit if args.wall_limit else math.inf
-        for result in explore(seeds, duration, args.agent, args.jobs, deadline=deadline):
+        for result in explore(seeds, duration, args.agent, args.jobs, deadline=deadline,
+                              kill_fence=not args.no_kill_fence):
             totals.add(result)
             print_result(result, out, False)
             out.flush()

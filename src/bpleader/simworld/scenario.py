@@ -114,6 +114,9 @@ class Scenario:
     timing: Timing = DEFAULT_TIMING
     schedule: Schedule = field(default_factory=Schedule)
     pause_on_startup: bool = True
+    # nodeos.kill_command configured (recommended): the guard stops a nodeos that will
+    # not confirm a pause. False models a deployment without it.
+    kill_fence: bool = True
     max_drift: float = 0.001  # host clock rate error bound (0.1 %)
     max_wall_skew: float = 0.05  # wall clock error bound (NTP)
     max_block_delay: float = 0.3  # p2p propagation bound between our nodes
@@ -136,4 +139,5 @@ class Scenario:
         faults = "none" if self.faults is None else f"gap={self.faults.mean_gap:g}s"
         return (f"seed={self.seed} agent={self.agent} nodes={self.nodes} "
                 f"duration={self.duration:g}s {self.timing.short()} schedule="
-                f"{self.schedule.ours}/{self.schedule.others} faults={faults}")
+                f"{self.schedule.ours}/{self.schedule.others} faults={faults}"
+                f"{'' if self.kill_fence else ' kill_fence=off'}")

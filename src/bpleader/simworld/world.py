@@ -41,6 +41,7 @@ from bpleader.simworld.trace import Trace
 from bpleader.store import Keys, Store
 
 NODE_NAMES = ("bp-a", "bp-b", "bp-c", "bp-d", "bp-e")
+NODEOS_RESTART = 5.0  # seconds systemd takes to start a killed nodeos again
 
 AgentFactory = Callable[[AgentSettings, Clock, Store, Nodeos, Fencer, SyncEvaluator], Agent]
 
@@ -105,7 +106,7 @@ class Node:
         proc = Process(w.loop, self.name, self.incarnation)
         t = w.scenario.timing
         guard = SimGuard(w.loop, self.host, self.nodeos, t.nodeos_timeout, t.check_interval,
-                         w.trace)
+                         w.trace, self.kill_nodeos if w.scenario.kill_fence else None)
         agent = w.factory(
             t.settings(self.name), ProcClock(self.host, proc),
             StoreClient(w.network, self.name, proc, t.etcd_timeout, w.hooks),
@@ -129,6 +130,20 @@ class Node:
                                  f"({'clean' if task.result() else 'pause unconfirmed'})")
         proc.kill()  # leftover tasks (a pending sleep) die with the process
         guard.orphan()
+
+    def kill_nodeos(self) -> None:
+        """The guard's kill command; systemd starts nodeos again a few seconds later,
+        paused (pause-on-startup), and it catches up with the chain."""
+        n = self.nodeos
+        if not n.up:
+            return
+        n.crash()
+
+        def restart() -> None:
+            if not n.up:
+                n.start(True)
+                self.world.rejoin(n, 1.0)
+        self.world.loop.call_at(self.world.loop.time() + NODEOS_RESTART, restart)
 
     def crash_agent(self, why: str = "crash") -> None:
         if self.process is None or not self.process.alive:
