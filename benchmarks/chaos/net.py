@@ -140,7 +140,7 @@ class Host:
 class Proc:
     """A process started in a host's namespace (``ip netns exec`` execs it: same pid)."""
 
-    host: str
+    host: str | None
     popen: subprocess.Popen[bytes]
     frozen: bool = False
 
@@ -265,11 +265,13 @@ class Network:
 
     # ------------------------------------------------------------------ processes
 
-    def spawn(self, host: str, args: Sequence[str], log: Path,
+    def spawn(self, host: str | None, args: Sequence[str], log: Path,
               env: dict[str, str] | None = None) -> Proc:
+        """Start ``args`` in the host's namespace (``None``: the root namespace)."""
         out: IO[bytes] = open(log, "ab")
+        cmd = [*args] if host is None else ["ip", "netns", "exec", self.hosts[host].ns, *args]
         try:
-            popen = subprocess.Popen(["ip", "netns", "exec", self.hosts[host].ns, *args],
+            popen = subprocess.Popen(cmd,
                                      stdout=out, stderr=out, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         finally:
