@@ -133,7 +133,7 @@ def _figures(design: str, scenario: Scenario, index: int, leader: str, t_fault: 
         "both_unpaused_seconds": round(both * POLL, 2),
         "timeline": {
             "slots": [{"slot": s["slot"], "start": s["start"], "ours": s["ours"],
-                       "signers": [b["signer"] for b in s["blocks"]]} for s in slots],
+                       "signers": [b["node"] for b in s["blocks"]]} for s in slots],
             "samples": [[round(t - t_fault, 3), [n for n, v in p.items() if v]]
                         for t, p in samples],
         },
@@ -181,10 +181,12 @@ def _stat(values: list[float]) -> dict[str, float | None]:
             "max": round(ordered[-1], 2)}
 
 
-def summarise(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(trials: list[dict[str, Any]], names: list[str],
+              designs: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for name, sc in SCENARIOS.items():
-        for design in DESIGNS:
+    for name in names:
+        sc = SCENARIOS[name]
+        for design in designs:
             ts = [t for t in trials if t["scenario"] == name and t["design"] == design]
             if design not in sc.designs:
                 rows.append({"scenario": name, "design": design, "applicable": False})
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                  "scenario_defs": {n: {k: v for k, v in asdict(SCENARIOS[n]).items()
                                        if k in ("title", "duration", "expect_failover",
                                                 "designs")} for n in names}},
-        "summary": summarise(trials), "resources": resources, "trials": trials,
+        "summary": summarise(trials, names, designs), "resources": resources, "trials": trials,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "results.md").write_text(report.markdown(result))
