@@ -104,7 +104,7 @@ def timelines(result: dict[str, Any], out: Path) -> list[Path]:
         for s in t["timeline"]["slots"]:
             if s["ours"] and not s["signers"]:
                 ax.plot(_epoch(s["start"]) - t0 + 0.25, -0.8, "x", color="#ff7f0e", ms=4)
-        ax.axvspan(0, t["t_heal"] - t0, color="#ffdd99", alpha=0.5, lw=0)
+        ax.axvspan(0, t["t_heal"] - t0, color="#ffdd99", alpha=0.5, lw=0, zorder=0)
         ax.set_yticks([-0.8, 0, 1], ["missed", *nodes])
         ax.set_ylim(-1.2, 1.6)
         ax.set_xlabel("seconds from fault start (shaded: fault; blue: block signed; red: "
