@@ -67,7 +67,7 @@ def _producing_now(sim: Sim) -> str:
 
 
 def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
-              settle: float) -> dict[str, Any]:
+              settle: float, max_hold: float | None = None) -> dict[str, Any]:
     tdir = bed.workdir / f"{scenario.name}-{design_name}-{index}"
     tdir.mkdir(parents=True, exist_ok=True)
     sim = Sim(bed.net, tdir)
@@ -85,7 +85,7 @@ def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
         time.sleep(0.3)
         t_fault = time.time()
         scenario.fault(ctx)
-        scenario.hold(ctx, scenario.duration)
+        scenario.hold(ctx, min(scenario.duration, max_hold or scenario.duration))
         t_heal = time.time()
         scenario.heal(ctx)
         time.sleep(settle)
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     if design not in sc.designs:
                         continue
                     for i in range(trials_n):
-                        t = run_trial(bed, design, sc, i, settle)
+                        t = run_trial(bed, design, sc, i, settle,
+                                      7.0 if args.quick else None)
                         trials.append(t)
                         print(f"{name:<14} {design:<10} #{i} double={t['double_produced_slots']}"
                               f" missed={t['missed_slots']} new_producer_s="

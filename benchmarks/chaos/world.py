@@ -201,7 +201,8 @@ class Testbed:
 
 
 def proc_usage(pids: list[int]) -> tuple[float, float]:
-    """(CPU seconds, resident MiB) summed over ``pids``."""
+    """(CPU seconds, resident MiB) summed over ``pids``; CPU includes reaped children
+    (keepalived's track and notify scripts)."""
     tick = os.sysconf("SC_CLK_TCK")
     cpu = rss = 0.0
     for pid in pids:
@@ -211,7 +212,7 @@ def proc_usage(pids: list[int]) -> tuple[float, float]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        cpu += (int(fields[11]) + int(fields[12])) / tick
+        cpu += sum(int(f) for f in fields[11:15]) / tick
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 rss += int(line.split()[1]) / 1024
