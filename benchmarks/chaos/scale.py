@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -35,6 +36,16 @@ DEFAULT_TIMING: dict[str, float] = {
     "lease_ttl": 5, "keepalive_interval": 1.0, "fence_guard": 1.5, "takeover_delay": 1.0,
     "check_interval": 0.5,
 }
+
+
+def _account(i: int) -> str:
+    """An EOSIO account name for producer ``i`` (digits 1-5 only): prod + base-5 letters."""
+    digits = ""
+    while True:
+        digits = "abcde"[i % 5] + digits
+        i //= 5
+        if i == 0:
+            return "prod" + digits
 
 
 def etcd_requests(endpoints: list[str]) -> float:
@@ -71,9 +82,10 @@ def run_size(agents: int, measure: float, kills: int, work: Path) -> dict[str, A
     from bpleader.sim import SimCluster
 
     pairs = agents // 2
+    work.mkdir(parents=True, exist_ok=True)
     etcd = EtcdCluster(work / f"etcd-{agents}", size=3)
     etcd.start()
-    sims = [SimCluster(f"prod{i}", [f"p{i}-a", f"p{i}-b"], other_producers=["otherbp"],
+    sims = [SimCluster(_account(i), [f"p{i}-a", f"p{i}-b"], other_producers=["otherbp"],
                        slots_per_producer=4, pause_on_startup=True) for i in range(pairs)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: set[str] = set()
@@ -85,7 +97,7 @@ def run_size(agents: int, measure: float, kills: int, work: Path) -> dict[str, A
                 url = sim.node(node).url
                 urls.add(url)
                 cfg = write_toml(work / f"{node}.toml", {
-                    "node": {"name": node, "producer": f"prod{i}"},
+                    "node": {"name": node, "producer": _account(i)},
                     "etcd": {"endpoints": etcd.endpoints, "prefix": "/bpl-scale"},
                     "nodeos": {"url": url, "timeout": 0.5, "max_head_lag": 3.0},
                     "timing": dict(DEFAULT_TIMING),
@@ -155,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", type=float, default=30.0)
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("benchmarks/chaos/results"))
+    p.add_argument("--keep-logs", action="store_true")
     args = p.parse_args(argv)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bpl-scale-") as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="bpl-scale-"))
+    try:
         for size in (int(s) for s in args.sizes.split(",") if s):
-            row = run_size(size, args.measure, min(args.kills, size // 2), Path(tmp))
+            row = run_size(size, args.measure, min(args.kills, size // 2), tmp / str(size))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    finally:
+        if not args.keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(rows, indent=1))
     return 0
