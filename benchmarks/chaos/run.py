@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "designs")} for n in names}},
         "summary": summarise(trials, names, designs), "resources": resources, "trials": trials,
     }
-    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "results.json").write_text(json.dumps(result, separators=(",", ":")))
     (args.out / "results.md").write_text(report.markdown(result))
     report.timelines(result, args.out)
     print(report.markdown(result))
