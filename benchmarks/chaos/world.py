@@ -1,0 +1,437 @@
+"""The two designs under test on the namespace network, and the shared pieces.
+
+* :class:`Testbed`: the network, a 3-member etcd cluster (one namespace per member), and
+  two producer hosts ``bp-a`` and ``bp-b``; a fresh nodeos simulator per trial.
+* :class:`Bpleader`: one ``bpleader agent`` per producer host (fast timing profile).
+* :class:`Keepalived`: the baseline, real keepalived with VRRP between the producer
+  hosts, the ``isInSync.sh`` track script and the ``check_nodeos.sh`` notify script.
+
+The simulator runs in the root namespace: it *is* the chain (the p2p network) and both
+nodeos processes. Each producer host reaches its own nodeos over its nodeos link, which
+no scenario cuts (on a real host that is localhost:8888); blocks reach every simulated
+node through the simulator itself, so the chain link is never cut either, exactly as in
+the split brain of the issue (the leader loses etcd and its peer, keeps the chain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from benchmarks.chaos.net import Network, Proc, sh
+
+PRODUCER = "mybp"
+NODES = ("bp-a", "bp-b")
+ETCD = ("etcd0", "etcd1", "etcd2")
+# Another producer fills half of every round, as on a real chain (same as the
+# integration tests): without it a standby's head would stop with the leader.
+CHAIN = ["--other-producers", "otherbp", "--slots-per-producer", "4",
+         "--block-interval", "0.5"]
+BLOCK_INTERVAL = 0.5
+# DESIGN.md's fast profile (tests/harness.py FAST_TIMING).
+FAST_TIMING: dict[str, float] = {
+    "lease_ttl": 2, "keepalive_interval": 0.3, "fence_guard": 0.9, "takeover_delay": 0.5,
+    "check_interval": 0.25, "continuity_timeout": 3.0, "doppelganger_quiet": 10.0,
+}
+LEASE_TTL = float(FAST_TIMING["lease_ttl"])
+# The baseline's track script threshold: the fork's 10 s scaled to this chain. Both
+# designs call a node in sync when its head is at most 3 s old (bpleader max_head_lag).
+BASELINE_MAX_AGE = 3
+SRC = Path(__file__).resolve().parents[2] / "src"
+PYTHON = sys.executable
+BASELINE_DIR = Path(__file__).resolve().parent / "baseline"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for section, fields in sections.items():
+        lines += [f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in fields.items()), ""]
+    path.write_text("\n".join(lines))
+    path.chmod(0o600)
+    return path
+
+
+class Sim:
+    """The nodeos simulator of one trial (root namespace, all addresses)."""
+
+    def __init__(self, net: Network, workdir: Path) -> None:
+        self.ports = {n: free_port() for n in NODES}
+        ready = workdir / "sim.ready"
+        ready.unlink(missing_ok=True)
+        args = [PYTHON, "-m", "bpleader.cli", "sim", "--producer", PRODUCER,
+                "--nodes", ",".join(NODES), *CHAIN, "--pause-on-startup-all",
+                "--host", "0.0.0.0", "--ready-file", str(ready), "--log-level", "WARNING"]
+        # base-port would need consecutive free ports; ephemeral ports are read back.
+        self.proc = net.spawn(None, args, workdir / "sim.log",
+                              env={"PYTHONPATH": str(SRC)})
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if time.monotonic() > deadline or not self.proc.running:
+                raise RuntimeError(f"simulator did not start: see {workdir / 'sim.log'}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.control = info["control"].replace("0.0.0.0", "127.0.0.1")
+        self.ports = {n: int(u.rsplit(":", 1)[1]) for n, u in info["nodes"].items()}
+        self.http = httpx.Client(base_url=self.control, timeout=5.0)
+        self.net = net
+
+    def url_from(self, node: str) -> str:
+        """The node's API as its producer host reaches it (over the nodeos link)."""
+        ip = self.net.hosts[node].nodeos_ip
+        return f"http://{ip}:{self.ports[node]}"
+
+    def producing(self) -> dict[str, bool]:
+        nodes = self.http.get("/nodes").json()["nodes"]
+        return {n["name"]: bool(n["producing"]) for n in nodes}
+
+    def ledger(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.http.get("/ledger").json()
+        return result
+
+    def slots(self, since: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.http.get(
+            "/ledger/slots", params={"since": since, "limit": 100000}).json()["slots"]
+        return result
+
+    def fault(self, node: str, kind: str) -> None:
+        self.http.post(f"/nodes/{node}/fault", json={"kind": kind}).raise_for_status()
+
+    def clear(self, node: str) -> None:
+        self.http.post(f"/nodes/{node}/clear", json={}).raise_for_status()
+
+    def close(self) -> None:
+        self.http.close()
+        self.net.kill(self.proc, signal.SIGTERM)
+
+
+@dataclass
+class Testbed:
+    net: Network
+    workdir: Path
+    etcd_procs: dict[str, Proc] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, net: Network, workdir: Path) -> Testbed:
+        bed = cls(net, workdir)
+        for name in ETCD:
+            net.add_host(name)
+        for name in NODES:
+            net.add_host(name, nodeos_link=True)
+        bed.start_etcd()
+        return bed
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://{self.net.hosts[e].ctl_ip}:2379" for e in ETCD]
+
+    def start_etcd(self) -> None:
+        hosts = self.net.hosts
+        cluster = ",".join(f"{e}=http://{hosts[e].ctl_ip}:2380" for e in ETCD)
+        for e in ETCD:
+            ip = hosts[e].ctl_ip
+            args = ["/usr/bin/etcd", "--name", e, "--data-dir", str(self.workdir / e),
+                    "--listen-client-urls", f"http://{ip}:2379",
+                    "--advertise-client-urls", f"http://{ip}:2379",
+                    "--listen-peer-urls", f"http://{ip}:2380",
+                    "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                    "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                    "--initial-cluster-token", self.net.prefix,
+                    "--heartbeat-interval", "100", "--election-timeout", "1000",
+                    "--logger", "zap", "--log-level", "warn"]
+            self.etcd_procs[e] = self.net.spawn(e, args, self.workdir / f"{e}.log")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = self.etcdctl("endpoint", "health")
+            if r.returncode == 0:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"etcd not healthy: {r.stderr}")
+
+    def etcdctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", "--dial-timeout=2s",
+                  "--command-timeout=3s", *args, check=False)
+
+    def etcd_leader(self) -> str:
+        """The etcd member that leads raft now (etcd0 when it cannot be told)."""
+        r = self.etcdctl("endpoint", "status", "-w", "json")
+        with contextlib.suppress(ValueError, KeyError):
+            for st in json.loads(r.stdout):
+                s = st["Status"]
+                if s["header"]["member_id"] == s["leader"]:
+                    for e in ETCD:
+                        if self.net.hosts[e].ctl_ip in st["Endpoint"]:
+                            return e
+        return ETCD[0]
+
+    def etcd_requests(self) -> float:
+        """gRPC requests handled by all members since they started."""
+        total = 0.0
+        for url in self.endpoints:
+            with contextlib.suppress(httpx.HTTPError):
+                text = httpx.get(f"{url}/metrics", timeout=2).text
+                for line in text.splitlines():
+                    if line.startswith("grpc_server_handled_total{"):
+                        total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def proc_usage(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds, resident MiB) summed over ``pids``; CPU includes reaped children
+    (keepalived's track and notify scripts)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = rss = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu += sum(int(f) for f in fields[11:15]) / tick
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1]) / 1024
+    return cpu, rss
+
+
+class Design:
+    """What a scenario needs from a design; one instance per trial."""
+
+    name = ""
+
+    def __init__(self, bed: Testbed, sim: Sim, trial_dir: Path) -> None:
+        self.bed, self.sim, self.dir = bed, sim, trial_dir
+        self.net = bed.net
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def kill_leader(self, node: str) -> None:
+        raise NotImplementedError
+
+    def freeze(self, node: str) -> None:
+        raise NotImplementedError
+
+    def thaw(self, node: str) -> None:
+        raise NotImplementedError
+
+    def restart(self, node: str) -> None:
+        raise NotImplementedError
+
+    def switchover(self, old: str, new: str) -> None:
+        raise NotImplementedError
+
+    def pids(self, node: str) -> list[int]:
+        r = sh("ip", "netns", "pids", self.net.hosts[node].ns, check=False)
+        return [int(w) for w in r.stdout.split()]
+
+    def wait_producer(self, node: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sim.producing().get(node):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: {node} did not start producing in {timeout} s")
+
+
+class Bpleader(Design):
+    name = "bpleader"
+
+    def __init__(self, bed: Testbed, sim: Sim, trial_dir: Path) -> None:
+        super().__init__(bed, sim, trial_dir)
+        self.prefix = f"/bpl-{trial_dir.name}"
+        self.agents: dict[str, Proc] = {}
+        self.configs = {n: self._config(n) for n in NODES}
+
+    def _config(self, node: str) -> Path:
+        host = self.net.hosts[node]
+        return write_toml(self.dir / f"{node}.toml", {
+            "node": {"name": node, "producer": PRODUCER},
+            "etcd": {"endpoints": self.bed.endpoints, "prefix": self.prefix},
+            "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
+            "timing": dict(FAST_TIMING),
+            "metrics": {"listen": f"{host.ctl_ip}:9750"},
+        })
+
+    def _spawn(self, node: str) -> None:
+        self.agents[node] = self.net.spawn(
+            node, [PYTHON, "-m", "bpleader.cli", "agent", "--config", str(self.configs[node])],
+            self.dir / f"{node}.log", env={"PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"})
+
+    def start(self) -> None:
+        self._spawn(NODES[0])
+        self.wait_producer(NODES[0])
+        self._spawn(NODES[1])
+        self.net.wait_port(NODES[1], 9750)
+
+    def stop(self) -> None:
+        for node, proc in self.agents.items():
+            self.net.kill(proc, signal.SIGTERM)
+            self.net.kill_host_procs(node)
+
+    def kill_leader(self, node: str) -> None:
+        """SIGKILL the agent only: its guard process (the dead-man fence) survives."""
+        self.net.kill(self.agents[node], signal.SIGKILL)
+
+    def freeze(self, node: str) -> None:
+        self.net.freeze(self.agents[node])
+
+    def thaw(self, node: str) -> None:
+        self.net.thaw(self.agents[node])
+
+    def restart(self, node: str) -> None:
+        self.net.kill_host_procs(node)
+        self._spawn(node)
+
+    def switchover(self, old: str, new: str) -> None:
+        subprocess.Popen([PYTHON, "-m", "bpleader.cli", "switchover", "--config",
+                          str(self.configs[new]), "--to", new],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+
+
+KEEPALIVED_CONF = """\
+global_defs {{
+    router_id {node}
+    script_user root
+}}
+
+vrrp_script isInSync {{
+    script "{run}/isInSync.sh {url} {max_age}"
+    interval 2
+    timeout 2
+}}
+
+vrrp_instance VI_1 {{
+    state {state}
+    interface ctl0
+    virtual_router_id 51
+    priority {priority}
+    advert_int 1
+    unicast_src_ip {src}
+    unicast_peer {{
+        {peer}
+    }}
+    authentication {{
+        auth_type PASS
+        auth_pass bplchaos
+    }}
+    virtual_ipaddress {{
+        {vip}/24 dev ctl0
+    }}
+    track_script {{
+        isInSync
+    }}
+    notify "{run}/check_nodeos.sh {url} {run}/{node}.notify.log"
+}}
+"""
+
+
+class Keepalived(Design):
+    """The baseline: unicast VRRP on the control link, priority 200 (bp-a) / 100 (bp-b)."""
+
+    name = "keepalived"
+
+    def __init__(self, bed: Testbed, sim: Sim, trial_dir: Path) -> None:
+        super().__init__(bed, sim, trial_dir)
+        self.procs: dict[str, Proc] = {}
+        for script in ("isInSync.sh", "check_nodeos.sh"):
+            dst = self.dir / script
+            dst.write_bytes((BASELINE_DIR / script).read_bytes())
+            dst.chmod(0o755)
+        self.confs = {n: self._conf(n) for n in NODES}
+
+    def _conf(self, node: str) -> Path:
+        hosts = self.net.hosts
+        peer = NODES[1] if node == NODES[0] else NODES[0]
+        first = node == NODES[0]
+        path = self.dir / f"{node}.keepalived.conf"
+        path.write_text(KEEPALIVED_CONF.format(
+            node=node, run=self.dir, url=self.sim.url_from(node), max_age=BASELINE_MAX_AGE,
+            state="MASTER" if first else "BACKUP", priority=200 if first else 100,
+            src=hosts[node].ctl_ip, peer=hosts[peer].ctl_ip, vip=self.net.vip))
+        return path
+
+    def _pidfile(self, node: str, kind: str) -> Path:
+        return self.dir / f"{node}.{kind}.pid"
+
+    def _spawn(self, node: str) -> None:
+        for kind in ("main", "vrrp", "check"):
+            self._pidfile(node, kind).unlink(missing_ok=True)
+        self.procs[node] = self.net.spawn(
+            node, ["keepalived", "-n", "-l", "-D", "-f", str(self.confs[node]),
+                   "-p", str(self._pidfile(node, "main")),
+                   "-r", str(self._pidfile(node, "vrrp")),
+                   "-c", str(self._pidfile(node, "check"))],
+            self.dir / f"{node}.keepalived.log")
+
+    def _all_pids(self, node: str) -> list[int]:
+        pids = []
+        for kind in ("main", "vrrp", "check"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(self._pidfile(node, kind).read_text().strip()))
+        return pids
+
+    def start(self) -> None:
+        self._spawn(NODES[0])
+        self.wait_producer(NODES[0])
+        self._spawn(NODES[1])
+        time.sleep(1.5)
+
+    def stop(self) -> None:
+        for node in NODES:
+            self.net.kill_host_procs(node)
+
+    def _signal(self, node: str, sig: int) -> None:
+        for pid in self._all_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def kill_leader(self, node: str) -> None:
+        """SIGKILL all three keepalived processes: no priority-0 advert, no notify."""
+        self._signal(node, signal.SIGKILL)
+
+    def freeze(self, node: str) -> None:
+        self._signal(node, signal.SIGSTOP)
+
+    def thaw(self, node: str) -> None:
+        self._signal(node, signal.SIGCONT)
+
+    def restart(self, node: str) -> None:
+        self.net.kill_host_procs(node)
+        self._spawn(node)
+
+    def switchover(self, old: str, new: str) -> None:
+        """`systemctl stop keepalived` on the master: SIGTERM (priority-0 advert)."""
+        self._signal(old, signal.SIGTERM)
+
+
+DESIGNS: dict[str, type[Design]] = {"bpleader": Bpleader, "keepalived": Keepalived}
