@@ -18,6 +18,9 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The security tests make their own CA and certificates with openssl.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The chaos benchmark's network of hosts: namespaces, veth, bridges, nftables rules.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo_cmd=()
     [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
