@@ -112,11 +112,12 @@ class SimNodeos(Peer):
         latency = self.rng.uniform(0.0003, 0.003) + 2 * delay
         if self.api_extra:
             latency += self.rng.uniform(0.0, self.api_extra)
-        if latency >= timeout:
-            loop.call_at(now + timeout, _time_out, answer, call, timeout)
         # Requests are served in order: a pause sent after a resume lands after it.
         arrival = max(now + latency / 2, self._last_arrival)
         self._last_arrival = arrival
+        if arrival - now + latency / 2 >= timeout:
+            # Slow itself or queued behind a slow one: the client gives up either way.
+            loop.call_at(now + timeout, _time_out, answer, call, timeout)
         if arrival - now <= 0.002:
             self._answer(answer, apply, latency / 2)
         else:
