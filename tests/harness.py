@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bpleader.fence import kill_guards
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
 
 T = TypeVar("T")
@@ -136,22 +137,6 @@ class AgentProc:
         return self.log_text().count(f"event={event} ")
 
 
-def kill_guards(nodeos_url: str) -> None:
-    """Guard processes run in their own session; end the ones a test left behind."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"bpleader.fence" in cmd and nodeos_url.encode() in cmd:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @dataclass
 class World:
     """etcd + simulator + agents of one producer, and what a test asks of them."""
@@ -219,4 +204,4 @@ class World:
                     a.stop(timeout=10)
                 except subprocess.TimeoutExpired:
                     a.kill()
-            kill_guards(a.nodeos_url)
+            kill_guards({a.nodeos_url})

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from bpleader.sim import FaultError, SimCluster
+from harness import wait_for
 
 T = TypeVar("T")
 INTERVAL = 0.1
@@ -31,14 +32,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def wait_until(pred: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    return wait_for(pred, timeout, interval=0.02, what=what)
 
 
 def client(url: str, timeout: float = 2.0) -> httpx.Client:

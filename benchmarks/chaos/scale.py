@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from benchmarks.chaos.world import PYTHON, SRC, write_toml
 
+from bpleader.fence import kill_guards
+
 if TYPE_CHECKING:
     from bpleader.sim import SimCluster
 
@@ -56,19 +58,6 @@ def etcd_requests(endpoints: list[str]) -> float:
                 if line.startswith("grpc_server_handled_total{"):
                     total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def _kill_guards(urls: set[str]) -> None:
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"bpleader.fence" in cmd and any(u.encode() in cmd for u in urls):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_dir.name), signal.SIGKILL)
 
 
 def producing(sim: SimCluster) -> list[str]:
@@ -153,7 +142,7 @@ def run_size(agents: int, measure: float, kills: int, work: Path) -> dict[str, A
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        _kill_guards(urls)
+        kill_guards(urls)
         for sim in sims:
             with contextlib.suppress(Exception):
                 sim.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from bpleader.clock import boottime
 from bpleader.nodeos import NodeosClient, NodeosError
@@ -267,6 +269,22 @@ def guard_main(argv: list[str] | None = None) -> int:
             next_check = now + args.check_interval
             if enforce() and not parent_alive:
                 return 0
+
+
+def kill_guards(nodeos_urls: set[str]) -> None:
+    """End guard processes fencing these nodeos URLs. They run in their own session, so a
+    test or benchmark that kills agents must clean them up explicitly."""
+    wanted = {u.encode() for u in nodeos_urls}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bpleader.fence" in cmd and wanted & set(cmd):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
 
 
 def run_kill_command(command: str, ctx: str) -> None:
