@@ -271,11 +271,15 @@ class FakeStore:
         return False
 
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
-        if self.kv.pop(me.key, None) is not None and last_head > 0:
-            self.kv[self.keys.handover] = (handover_value(me.node, last_head).encode(), 1, 0)
+        self.kv.pop(me.key, None)
+        if last_head > 0:
+            self.kv[self.keys.handover(me.node)] = (
+                handover_value(me.node, last_head).encode(), 1, 0)
 
-    async def publish(self, record: NodeRecord, lease_id: int) -> None:
+    async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
         self.kv[self.keys.node(record.node)] = (record.to_json().encode(), 1, lease_id)
+        if keep:
+            self.kv[self.keys.last(record.node)] = (record.to_json().encode(), 1, 0)
 
     async def clear_switchover(self, target: str) -> None:
         pass
@@ -285,6 +289,9 @@ class FakeStore:
 
     async def clear_unfenced(self, node: str) -> None:
         self.kv.pop(self.keys.unfenced_node(node), None)
+
+    async def leave_handover(self, node: str, head: int) -> None:
+        self.kv[self.keys.handover(node)] = (handover_value(node, head).encode(), 1, 0)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 
 from bpleader.simworld import Faults, Scenario, simulate
 from bpleader.simworld.runner import explore
-from bpleader.simworld.variants import AGENTS
+from bpleader.simworld.variants import AGENTS, SCENARIOS
 
 SUITE_SEEDS = range(0, 48)  # about 20 s on one core
 SECONDS = 180.0
@@ -54,23 +54,33 @@ def test_without_faults_one_leader_produces_every_slot_of_ours() -> None:
     assert resumes == 1, result.trace  # elected once, never handed over
 
 
-# Three layers guard the same case, a node still producing after it lost the lock without
-# a confirmed pause: the doppelganger check (7), the unfenced mark (11) and the guard's kill
-# command (8, when nodeos.kill_command is configured). Removing any one alone is not caught
-# within CATCH_WITHIN seeds, the others cover for it; "no-doppelganger-no-mark" in a
-# deployment without a kill command removes all three and is caught. See the README.
-COVERED_BY_OTHER_LAYERS = {"no-doppelganger", "no-unfenced-mark"}
+# Some layers guard the same case, and removing one alone is not caught within CATCH_WITHIN
+# seeds because the others cover it (see the README):
+# * a node still producing after it lost the lock without a confirmed pause: the
+#   doppelganger check (7), the unfenced mark (11) and the guard's kill command (8, when
+#   nodeos.kill_command is configured); "no-doppelganger-no-mark" in a deployment without a
+#   kill command removes all three and is caught;
+# * the old leader's in-flight block: the takeover delay (5) and the old leader's wait for
+#   the slot to end before it hands its head over (10); "no-takeover-delay-no-slot-wait"
+#   removes both and is caught.
+COVERED_BY_OTHER_LAYERS = {"no-doppelganger", "no-unfenced-mark", "no-takeover-delay"}
 WITHOUT_KILL_FENCE = {"no-doppelganger-no-mark"}
+SAFETY = {"double-production", "lock", "equivocation", "shared-key"}
+# What catches a weakened agent: a safety violation; for the agent that never moves the
+# finalizer key, a leader that is not producing with its own key active after a heal.
+CAUGHT_BY = {"no-key-switch": {"liveness"}}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - COVERED_BY_OTHER_LAYERS))
 def test_each_weakened_safety_layer_is_caught(agent: str) -> None:
     kill_fence = agent not in WITHOUT_KILL_FENCE
+    kinds = CAUGHT_BY.get(agent, SAFETY)
     for seed in range(CATCH_WITHIN):
-        result = simulate(Scenario.explore(seed, SECONDS, agent=agent, kill_fence=kill_fence))
-        if any(v.kind == "double-production" for v in result.violations):
+        result = simulate(Scenario.explore(seed, SECONDS, agent=agent, kill_fence=kill_fence,
+                                           **SCENARIOS.get(agent, {})))
+        if any(v.kind in kinds for v in result.violations):
             return
-    pytest.fail(f"{agent}: no double production found in {CATCH_WITHIN} seeds")
+    pytest.fail(f"{agent}: no {'/'.join(sorted(kinds))} violation in {CATCH_WITHIN} seeds")
 
 
 def test_the_same_seeds_under_a_gentler_fault_mix_stay_live() -> None:

@@ -21,17 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bpleader import __version__
 from bpleader.clock import Clock
 from bpleader.election import Session
-from bpleader.nodeos import ChainInfo, NodeosError, NodeosUnavailable, SyncEvaluator, SyncState
+from bpleader.finalizer import PROBE, KeyFailover, KeySwitcher
+from bpleader.nodeos import (
+    ChainInfo,
+    FinalizerInfo,
+    NodeosApiMissing,
+    NodeosError,
+    NodeosUnavailable,
+    SyncEvaluator,
+    SyncState,
+)
 from bpleader.store import Candidate, NodeRecord, Snapshot, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,11 @@ DOPPELGANGER_MARGIN = 0.6
 # The watch must last until the first block past that margin could have arrived (one
 # more slot, plus propagation): with a shorter takeover delay the check would be blind.
 DOPPELGANGER_WATCH = DOPPELGANGER_MARGIN + 0.5 + 0.1
+BLOCK_INTERVAL = 0.5  # seconds per slot on every Antelope chain
+CLOCK_MARGIN = 0.1  # how far this host's wall clock may be from the block producers'
+# Savanna: a leader whose last record shows its LIB this far behind its head was losing
+# the network's votes (cut from p2p?) and may have gone on signing blocks nobody saw.
+LIB_LAG_NORMAL = 1.5
 
 
 class Role(str, Enum):
@@ -68,6 +83,12 @@ class Nodeos(Protocol):
     async def resume(self, budget: float | None = None) -> None: ...
 
     async def paused(self, budget: float | None = None) -> bool: ...
+
+    async def finalizer_info(self, budget: float | None = None) -> FinalizerInfo: ...
+
+    async def table_rows(self, table: str, budget: float | None = None) -> list[Any]: ...
+
+    async def account(self, name: str, budget: float | None = None) -> dict[str, Any]: ...
 
 
 class Fencer(Protocol):
@@ -98,6 +119,9 @@ class AgentSettings:
     # often at most, so the agent reports it instead of looping on resume.
     resume_retry: float = 10.0
     shutdown_budget: float = 5.0
+    # "savanna", "legacy", or "auto": Savanna once get_finalizer_info shows a policy.
+    finality: str = "auto"
+    finalizer_timeout: float = 30.0  # a key switch not confirmed by then is an alarm
 
 
 @dataclass(frozen=True)
@@ -113,22 +137,23 @@ class Observation:
 class _Repeats:
     """One log line per distinct error, then a reminder with a count every ``every``
     seconds: an etcd or nodeos outage must not bury the log under one line per tick.
-    Numbers are ignored when comparing, so "next try in 2.0 s" repeats "... in 1.0 s"."""
+    Numbers are ignored when comparing, so "next try in 2.0 s" repeats "... in 1.0 s";
+    errors of different calls are tracked apart, so two that alternate stay quiet too."""
 
     def __init__(self, every: float = 30.0) -> None:
         self.every = every
-        self._key = ""
-        self._since = 0.0
-        self._count = 0
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last shown, held back)
 
     def check(self, text: str, now: float) -> tuple[bool, int]:
         """Whether to log ``text`` now, and how many were held back before it."""
         key = re.sub(r"\d+(\.\d+)?", "#", text)
-        if key != self._key or now - self._since >= self.every:
-            held, self._count = self._count, 0
-            self._key, self._since = key, now
+        since, held = self._seen.get(key, (float("-inf"), 0))
+        if now - since >= self.every:
+            if len(self._seen) > 64:
+                self._seen.clear()
+            self._seen[key] = (now, 0)
             return True, held
-        self._count += 1
+        self._seen[key] = (since, held + 1)
         return False, 0
 
 
@@ -163,7 +188,8 @@ class AgentStats:
 
 class Agent:
     def __init__(self, settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
-                 fencer: Fencer, sync: SyncEvaluator) -> None:
+                 fencer: Fencer, sync: SyncEvaluator,
+                 switcher: KeySwitcher | None = None) -> None:
         self.cfg = settings
         self.clock = clock
         self.store = store
@@ -192,11 +218,30 @@ class Agent:
         self._switchover_from_me = False
         self._prev_leader_head = 0
         self._peer_head = 0  # highest head another live, in-sync node reports right now
+        # The newest block of our producer seen while we did not lead: with the last
+        # records leaders leave, what bounds the heights a vanished leader may have signed.
+        self._seen_ours: tuple[int, float] = (0, 0.0)  # (height, block time)
+        self._own_high: tuple[int, float] = (0, 0.0)  # our newest block while we may sign
+        self._unsent_handover = 0  # a handover head a failed resign could not write
+        self._resume_sent = False  # a resume went out since we were last confirmed paused
+        self._adopted = False  # looked for a previous incarnation's last record
+        # When nodeos was last known to have stopped signing (a confirmed pause, or
+        # connections refused) since our newest block: nothing signed after that.
+        self._own_stopped_at: float | None = None
         self._unconfirmed_since: float | None = None
         self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
         self._blocked_by = ""  # the unfenced node we last reported waiting for
         self._etcd_repeats = _Repeats()
         self._nodeos_repeats = _Repeats()
+        # Savanna: the finalizer key follows the leader (None: no [finalizer] section).
+        self.keys = KeyFailover(switcher, nodeos, settings.producer,
+                                settings.finalizer_timeout, settings.nodeos_timeout,
+                                self._emit, self._owner_of) if switcher else None
+        self.refusal = ""  # why the agent refused to run (it then stops)
+        self._preflight_done = False
+        self._next_probe = float("-inf")
+        self._resumed_at = float("-inf")
+        sync.savanna = settings.finality == "savanna"
 
     # ----------------------------------------------------------------- main loop
 
@@ -205,7 +250,7 @@ class Agent:
         keeper = asyncio.create_task(self.session.run())
         stopper = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.role != Role.STOPPED:
                 started = self.clock.now()
                 await self.tick()
                 on_tick()  # systemd's watchdog: only a loop that completes ticks is alive
@@ -222,7 +267,9 @@ class Agent:
     async def tick(self) -> None:
         obs = await self._observe()
         self.last = obs
+        await self._watch_finality(obs)
         await self._publish(obs)
+        await self._hand_over_if_lost(obs)
         await self._clear_own_unfenced(obs)
         role, reason = await self._step(obs)
         self._transition(role, reason)
@@ -255,6 +302,9 @@ class Agent:
         incarnation of this agent: mark it unfenced (layer 11) until it confirms.
         """
         if await self._pause_confirmed("start-up", self.cfg.nodeos_timeout * 2):
+            self._adopt_previous_term(o)
+            if self.keys is not None:
+                return await self._check_finalizer_setup(o)
             return Role.FOLLOWER, "started, nodeos paused"
         if not isinstance(self._pause_error, NodeosUnavailable) and o.snap is not None \
                 and self.cfg.node not in o.snap.unfenced:
@@ -325,6 +375,7 @@ class Agent:
         if self._elected(o):
             self._won_at, self._won_wall = o.now, o.wall
             self._continuity_reported = False
+            await self._bound_vanished_leader(o)
             return Role.TAKING_OVER, "elected: lowest create revision"
         return Role.CANDIDATE, "waiting behind a lower key"
 
@@ -363,14 +414,22 @@ class Agent:
             return await self._step_down(f"switchover to {o.snap.switchover or 'any node'}")
         if o.snap is not None and o.snap.switchover in (self.cfg.node, ""):
             await self._clear_switchover(o.snap.switchover)  # we are its new leader
-        if o.paused is True and o.now >= self._next_resume:
+        if self.keys is not None:
+            await self.keys.lead(o.now)
+        # Our key became active since the last resume: votes flow again, resume at once.
+        key_came = self.keys is not None and self.keys.confirmed_at > self._resumed_at
+        if o.paused is True and (o.now >= self._next_resume or key_came):
             # Restarted nodeos, a manual pause, or Spring's implicit pause: resume once,
             # then only every resume_retry seconds, and say so.
             self.stats.corrections += 1
             if self.stats.resumes:
                 self.stats.implicit_pauses += 1
-            self._log("leader_paused", "nodeos reads paused while leader; resuming",
-                      logging.WARNING)
+                self._log("implicit_pause", f"nodeos reads paused while leader (Spring's "
+                          f"implicit pause: votes of {self._whose_key()} missing?); resuming",
+                          logging.ERROR)
+            else:
+                self._log("leader_paused", "nodeos reads paused while leader; resuming",
+                          logging.WARNING)
             await self._resume_checked("reconcile")
             self._next_resume = self.clock.now() + self.cfg.resume_retry
         return Role.LEADER, "producing"
@@ -477,6 +536,22 @@ class Agent:
             return
         self._log("unfenced", why, logging.CRITICAL)
 
+    async def _hand_over_if_lost(self, o: Observation) -> None:
+        """Layer 10 after a lost lease: a node that may have produced and let its lease go
+        without resigning (its pause was confirmed only later) still leaves its final
+        head for the next leader, before it clears its unfenced mark."""
+        if not self._produced or self._me is not None or self._armed \
+                or o.paused is not True or o.snap is None:
+            return
+        head = max(await self._final_head(), self._unsent_handover)
+        try:
+            await self.store.leave_handover(self.cfg.node, head)
+        except StoreError as exc:
+            self._etcd_error(exc)
+            return
+        self._produced, self._unsent_handover = False, 0
+        self._log("handover", f"left head #{head} for the next leader")
+
     async def _clear_own_unfenced(self, o: Observation) -> None:
         """Our mark goes once nodeos confirms paused and nothing of ours may resume it."""
         if o.snap is None or self.cfg.node not in o.snap.unfenced or o.paused is not True \
@@ -513,12 +588,14 @@ class Agent:
         self._arm()
         if not await self._etcd_confirms(me) or not self._lease_covers_resume(me):
             return False
+        self._resume_sent, self._own_stopped_at = True, None
         try:
             await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
         except NodeosError as exc:
             self._nodeos_error(exc)
             return False
         self.stats.resumes += 1
+        self._resumed_at = self.clock.now()
         self._log("resumed", why)
         if not self._lease_covers_resume(me, after=True):
             # We stalled between the check and the resume (a freeze): undo it at once.
@@ -578,20 +655,51 @@ class Agent:
         if me is None:
             return
         last_head = await self._final_head() if self._produced else 0
-        self._produced = False
         try:
             await self.store.resign(me, last_head)
+            self._produced = False
         except StoreError as exc:
-            self._etcd_error(exc)  # the key goes with the lease in the worst case
+            # The key goes with the lease in the worst case; the head is left later.
+            self._etcd_error(exc)
+            self._unsent_handover = max(self._unsent_handover, last_head)
         self._log("resigned", reason)
 
     async def _final_head(self) -> int:
-        """Our head once paused; the last observed one if nodeos does not answer now."""
+        """The head to hand over once paused: every height we may have signed.
+
+        A pause takes effect at the next slot start: a block begun before it is still
+        signed. So the head is read once that slot has ended, or the successor would sign
+        at the height of our last, in-flight block. If that head is not ours, a reorg may
+        have taken our newest blocks off our chain (we were cut from the network and its
+        branch won): count every slot since our newest block we saw, as we may have
+        signed in each.
+        """
+        end = await self._wait_slot_end()
+        own_h, own_t = self._own_high
+        stop = min(end, self._own_stopped_at) if self._own_stopped_at is not None else end
+        self._own_high, self._own_stopped_at, self._resume_sent = (0, 0.0), None, False
+        own_bound = 0
+        if own_h and end - own_t <= 2 * self.cfg.lease_ttl + 2.0:
+            # A sample older than a lease TTL says nothing of the last blocks: nodeos did
+            # not answer us for that long, and our unfenced mark covered the gap.
+            own_bound = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
         try:
-            return (await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)).head_block_num
+            info = await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)
         except NodeosError as exc:
             self._nodeos_error(exc)
-            return self.last.info.head_block_num if self.last and self.last.info else 0
+            last = self.last.info.head_block_num if self.last and self.last.info else 0
+            return max(last, own_bound)
+        if info.head_block_producer == self.cfg.producer and info.head_block_num >= own_h:
+            return info.head_block_num  # our last block is our head: exact
+        return max(info.head_block_num, own_bound)
+
+    async def _wait_slot_end(self) -> float:
+        """Sleep until the slot now running has ended on every clock; returns that end."""
+        wall = self.clock.wall()
+        # The next slot boundary after now, with CLOCK_MARGIN for our clock's error.
+        end = math.ceil((wall + CLOCK_MARGIN) / BLOCK_INTERVAL) * BLOCK_INTERVAL
+        await self.clock.sleep(end - wall + CLOCK_MARGIN)
+        return end
 
     async def _pause_confirmed(self, reason: str, budget: float) -> bool:
         """Pause and read back ``paused``; True only when nodeos confirms."""
@@ -601,6 +709,10 @@ class Agent:
             try:
                 await self.nodeos.pause(budget=max(left, 0.05))
                 if await self.nodeos.paused(budget=max(deadline - self.clock.now(), 0.05)):
+                    if self._own_high[0] and self._own_stopped_at is None:
+                        # The block begun in this slot may still be signed.
+                        self._own_stopped_at = self.clock.wall() + BLOCK_INTERVAL \
+                            + CLOCK_MARGIN
                     self._disarm()
                     self._pause_error = None
                     return True
@@ -660,12 +772,27 @@ class Agent:
         if snap is not None and snap.switchover != self._last_switchover:
             self._last_switchover = snap.switchover
             self._switchover_from_me = snap.switchover == "" and self.role == Role.LEADER
+        if self._own_high[0]:
+            # A nodeos that refuses connections, or reads paused (explicitly or not),
+            # signs nothing more; one that reads unpaused may sign again.
+            if paused is False:
+                self._own_stopped_at = None
+            elif self._own_stopped_at is None and (paused is True or isinstance(
+                    info_r, NodeosUnavailable)):
+                self._own_stopped_at = wall + BLOCK_INTERVAL + CLOCK_MARGIN
+        if info is not None and info.head_block_producer == self.cfg.producer:
+            mark = (info.head_block_num, info.head_block_time)
+            if self._armed and self._resume_sent:
+                self._own_high = max(self._own_high, mark)
+            elif mark[1] > self._seen_ours[1]:
+                self._seen_ours = mark
         if snap is not None:
             for rec in snap.records.values():
                 if rec.valid and rec.role == Role.LEADER.value and rec.node != self.cfg.node:
                     self._prev_leader_head = max(self._prev_leader_head, rec.head_block_num)
-            if snap.handover is not None and snap.handover[0] != self.cfg.node:
-                self._prev_leader_head = max(self._prev_leader_head, snap.handover[1])
+            for node, head in snap.handovers.items():
+                if node != self.cfg.node:
+                    self._prev_leader_head = max(self._prev_leader_head, head)
             self._peer_head = max((r.head_block_num for r in snap.records.values()
                                    if r.valid and r.in_sync and r.lease_id
                                    and r.node != self.cfg.node), default=0)
@@ -690,11 +817,176 @@ class Agent:
             node=self.cfg.node, role=self.role.value, in_sync=o.sync.in_sync,
             head_block_num=o.info.head_block_num if o.info else 0,
             lag=round(o.sync.lag, 3) if o.sync.lag is not None else None,
-            paused=o.paused, version=__version__, updated=round(o.wall, 3))
+            lib_lag=self._lib_lag(o.info), fence_at=self._fence_at(o),
+            paused=o.paused, version=__version__, updated=round(o.wall, 3),
+            **self._finalizer_fields())
         try:
-            await self.store.publish(record, lease.id)
+            # Only a node that may have signed keeps a last record (see _bound_vanished_leader).
+            await self.store.publish(record, lease.id, keep=self._armed and self._resume_sent)
         except StoreError as exc:
             self._etcd_error(exc)
+
+    # ------------------------------------------------------------- continuity
+
+    async def _bound_vanished_leader(self, o: Observation) -> None:
+        """Layer 10 when a previous leader left no handover: it was frozen, killed or cut
+        off, and its last record (kept in etcd without a lease) may be older than its last
+        block. Its fence pauses it by its lease deadline - fence_guard, which is before
+        etcd dropped its key (so before now); the block then begun is still signed. If
+        its blocks reached us until about then, our head has them all. If they stopped
+        reaching us earlier (cut from the p2p network; on Savanna its last record may also
+        show its LIB falling behind), it may have gone on signing on a branch of its own:
+        from any height it had at a known time it adds at most one block per slot, and we
+        wait for a head past all of them. That bound is left in etcd as the vanished
+        leader's handover, so later winners need not know when its key went.
+        """
+        if o.snap is None:
+            return
+        for rec in o.snap.lasts.values():
+            # Only an agent that may produce keeps a last record (leading, taking over,
+            # or in maintenance as leader), whatever role it names.
+            if rec.node == self.cfg.node or not rec.valid \
+                    or o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5:
+                continue  # ours, unreadable, or of an older term
+            if o.snap.handovers.get(rec.node, 0) >= rec.head_block_num:
+                continue  # it resigned with nodeos paused: its handover head is exact
+            bound = self._bound_one(o, rec)
+            try:
+                await self.store.leave_handover(rec.node, bound)
+            except StoreError as exc:
+                self._etcd_error(exc)
+
+    def _adopt_previous_term(self, o: Observation) -> None:
+        """A previous incarnation of this agent led and left no handover (it was killed):
+        hand over for it, from its last record to now that nodeos is confirmed paused."""
+        if self._adopted or o.snap is None:
+            return
+        self._adopted = True
+        rec = o.snap.lasts.get(self.cfg.node)
+        if rec is None or not rec.valid or o.snap is None \
+                or o.snap.handovers.get(self.cfg.node, 0) >= rec.head_block_num:
+            return
+        # From a record's time, the next block comes at the next slot boundary.
+        boundary = math.floor(rec.updated / BLOCK_INTERVAL) * BLOCK_INTERVAL
+        self._own_high, self._produced = (rec.head_block_num, boundary), True
+        self._own_stopped_at = o.wall + BLOCK_INTERVAL + CLOCK_MARGIN
+
+    def _bound_one(self, o: Observation, rec: NodeRecord) -> int:
+        # The newest block it may have begun: before its fence fired (by the time etcd
+        # dropped its key, and by the fence time its last record gave, plus the renewals
+        # until its next record), with the pause call's time.
+        stop = o.wall - self.cfg.fence_guard
+        if rec.fence_at is not None:
+            stop = min(stop, rec.fence_at + self.cfg.check_interval
+                       + self.cfg.keepalive_interval)
+        last = stop + self.cfg.nodeos_timeout + BLOCK_INTERVAL
+        seen_h, seen_t = self._seen_ours
+        slack = self.cfg.nodeos_timeout + BLOCK_INTERVAL + self.cfg.check_interval + 0.3
+        losing_votes = self.sync.savanna and rec.lib_lag is not None \
+            and rec.lib_lag > LIB_LAG_NORMAL
+        if not losing_votes and seen_h and last - seen_t <= slack:
+            return rec.head_block_num  # its blocks reached us until it must have stopped
+        # Blocks after a block time come every slot; after a record's time, from the next
+        # slot boundary on.
+        bounds = [rec.head_block_num + math.ceil(max(0.0, last - rec.updated) / BLOCK_INTERVAL)]
+        if seen_h:
+            bounds.append(seen_h + math.floor(max(0.0, last - seen_t) / BLOCK_INTERVAL))
+        bound = min(bounds)
+        if bound > self._prev_leader_head:
+            self._prev_leader_head = bound
+            why = f"LIB {rec.lib_lag} s behind its head" if losing_votes else \
+                f"no block of ours seen in the {last - seen_t:.1f} s before it had to stop"
+            self._log("continuity", f"{rec.node} left no handover ({why}); it may have "
+                      f"signed up to #{bound} unseen: resuming above it")
+        return bound
+
+    def _fence_at(self, o: Observation) -> float | None:
+        deadline = self.session.deadline
+        if not self._armed or deadline is None:
+            return None
+        return round(o.wall + deadline - o.now - self.cfg.fence_guard, 3)
+
+    @staticmethod
+    def _lib_lag(info: ChainInfo | None) -> float | None:
+        if info is None or info.last_irreversible_block_time is None:
+            return None
+        return round(info.head_block_time - info.last_irreversible_block_time, 3)
+
+    # ---------------------------------------------------------------- Savanna
+
+    async def _check_finalizer_setup(self, o: Observation) -> tuple[Role, str]:
+        """Before campaigning with a finalizer key: refuse a key another node has too,
+        and report, with the commands that fix it, what the chain still lacks."""
+        assert self.keys is not None
+        if o.snap is None or self.cfg.node not in o.snap.records:
+            return Role.STARTING, "waiting to see our own node record"
+        twins = sorted(n for n, r in o.snap.records.items() if n != self.cfg.node
+                       and r.valid and r.finalizer_key == self.keys.key)
+        if twins:
+            self.refusal = (f"finalizer.key {self.keys.key[:20]}… is also configured on "
+                            f"{', '.join(twins)}: two nodes with one BLS key can sign "
+                            "conflicting votes; give each node its own key (regfinkey)")
+            self._log("duplicate_finalizer_key", self.refusal, logging.CRITICAL)
+            return Role.STOPPED, "refused to run: finalizer key shared with another node"
+        if not self._preflight_done:
+            self._preflight_done = True
+            for problem in await self.keys.preflight():
+                self._log("finalizer_setup", problem, logging.ERROR)
+        return Role.FOLLOWER, "started, nodeos paused"
+
+    async def _watch_finality(self, o: Observation) -> None:
+        """Follow what the chain says of finality: the active key (for our record and
+        status), and, in ``auto`` mode, whether the chain runs Savanna yet."""
+        info: FinalizerInfo | None = None
+        if self.keys is not None:
+            if self.role != Role.LEADER:  # the leader's handler checks on its own
+                info = await self.keys.observe(o.now, leading=False)
+            else:
+                info = self.keys.info
+        elif self.cfg.finality == "auto" and not self.sync.savanna and o.now >= self._next_probe:
+            self._next_probe = o.now + PROBE
+            try:
+                info = await self.nodeos.finalizer_info(budget=self.cfg.nodeos_timeout)
+            except NodeosApiMissing:
+                info = None  # Leap: no Savanna at all
+            except NodeosError as exc:
+                self._nodeos_error(exc)
+        if info is not None and info.savanna and not self.sync.savanna \
+                and self.cfg.finality == "auto":
+            self.sync.savanna = True
+            self._log("finality", "Savanna chain: a close, fresh last irreversible block is "
+                      "now required to be in sync")
+
+    def _finalizer_fields(self) -> dict[str, Any]:
+        if self.keys is None:
+            return {}
+        info = self.keys.info
+        vote = info.last_vote(info.active_key(self.cfg.producer) or "") if info else None
+        return {"finalizer_key": self.keys.key, "finalizer_active": self.keys.active_key,
+                "last_vote": vote.block_num if vote else None}
+
+    def _owner_of(self, key: str) -> str | None:
+        snap = self.last.snap if self.last else None
+        if snap is None:
+            return None
+        if self.keys is not None and key == self.keys.key:
+            return self.cfg.node
+        return next((n for n, r in snap.records.items() if r.finalizer_key == key), None)
+
+    def _whose_key(self) -> str:
+        if self.keys is None or self.keys.active_key is None:
+            return "our producer's finalizer"
+        if self.keys.ours:
+            return "our own finalizer key"
+        owner = self._owner_of(self.keys.active_key)
+        return f"the active key ({owner or 'unknown node'})"
+
+    def _emit(self, event: str, reason: str, level: int) -> None:
+        if event == "nodeos_error":
+            self.stats.nodeos_errors += 1
+            self._error(event, reason, self._nodeos_repeats)
+        else:
+            self._log(event, reason, level)
 
     # ---------------------------------------------------------- fence plumbing
 
@@ -721,6 +1013,8 @@ class Agent:
         if role != self.role:
             self.stats.transitions += 1
             old, self.role = self.role, role
+            if old == Role.LEADER and self.keys is not None:
+                self.keys.stand_down()
             if Role.LEADER in (old, role):
                 self.stats.leader_changes += 1
             self._log("transition", f"{old.value} -> {role.value}: {reason}", previous=old)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 EXCERPT = 80
+PRODUCER_CALLS = frozenset({"pause", "resume", "paused", "pause_at_block"})
 
 
 class NodeosError(Exception):
@@ -59,6 +60,43 @@ class ChainInfo:
     last_irreversible_block_num: int
     chain_id: str
     server_version_string: str
+    last_irreversible_block_time: float | None = None  # None: not reported (old nodeos)
+    head_block_id: str = ""
+    last_irreversible_block_id: str = ""
+
+
+@dataclass(frozen=True)
+class TrackedVote:
+    """The last vote of one finalizer that nodeos saw in a block's QC."""
+
+    description: str
+    public_key: str
+    block_num: int
+    block_time: str
+
+
+@dataclass(frozen=True)
+class FinalizerInfo:
+    """``get_finalizer_info``: the finalizer policies at the node's head, as (description,
+    key) pairs; ``active`` is None on a chain that has not moved to Savanna."""
+
+    active: tuple[tuple[str, str], ...] | None
+    pending: tuple[tuple[str, str], ...] | None
+    votes: tuple[TrackedVote, ...] = ()
+    generation: int = 0
+
+    @property
+    def savanna(self) -> bool:
+        return bool(self.active)
+
+    def active_key(self, producer: str) -> str | None:
+        return next((k for d, k in self.active or () if d == producer), None)
+
+    def pending_key(self, producer: str) -> str | None:
+        return next((k for d, k in self.pending or () if d == producer), None)
+
+    def last_vote(self, key: str) -> TrackedVote | None:
+        return next((v for v in self.votes if v.public_key == key), None)
 
 
 def parse_block_time(text: str) -> float:
@@ -84,8 +122,9 @@ def _json(call: str, body: bytes) -> Any:
 def parse_response(call: str, status: int, body: bytes) -> Any:
     """Check status and body of one reply; return the decoded JSON or raise NodeosError."""
     if status == 404 and call != "get_info":
-        raise NodeosApiMissing(call, "producer API missing (404): is producer_api_plugin "
-                               "loaded?", status)
+        plugin = "producer_api_plugin" if call in PRODUCER_CALLS else "chain_api_plugin " \
+            "(Spring 1.0 or newer)"
+        raise NodeosApiMissing(call, f"API missing (404): is {plugin} loaded?", status)
     if not 200 <= status < 300:
         code: int | None = None
         what = ""
@@ -116,12 +155,102 @@ def parse_info(body: Any) -> ChainInfo:
         if not all(isinstance(x, str) for x in (producer, chain_id, when)):
             raise TypeError("producer, chain_id and head_block_time must be strings")
         version = body.get("server_version_string", "")
+        lib_when = body.get("last_irreversible_block_time")
+        head_id, lib_id = body.get("head_block_id", ""), body.get("last_irreversible_block_id", "")
         return ChainInfo(num, parse_block_time(when), producer, lib, chain_id,
-                         version if isinstance(version, str) else "")
+                         version if isinstance(version, str) else "",
+                         parse_block_time(lib_when) if isinstance(lib_when, str) else None,
+                         head_id if isinstance(head_id, str) else "",
+                         lib_id if isinstance(lib_id, str) else "")
     except KeyError as exc:
         raise NodeosBadResponse(call, f"missing field {exc.args[0]}") from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise NodeosBadResponse(call, f"bad field: {exc}") from None
+
+
+def _policy(call: str, value: Any) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("finalizers"), list):
+        raise NodeosBadResponse(call, "a finalizer policy must be an object with finalizers")
+    out = []
+    for f in value["finalizers"]:
+        if not isinstance(f, dict) or not isinstance(f.get("description"), str) \
+                or not isinstance(f.get("public_key"), str):
+            raise NodeosBadResponse(call, "a finalizer needs a description and a public_key")
+        out.append((f["description"], f["public_key"]))
+    return tuple(out)
+
+
+def parse_finalizer_info(body: Any) -> FinalizerInfo:
+    call = "get_finalizer_info"
+    if not isinstance(body, dict):
+        raise NodeosBadResponse(call, f"expected an object, got {type(body).__name__}")
+    active = body.get("active_finalizer_policy")
+    votes = []
+    for v in body.get("last_tracked_votes") or ():
+        if isinstance(v, dict) and isinstance(v.get("public_key"), str):
+            num = v.get("voted_for_block_num")
+            votes.append(TrackedVote(str(v.get("description", "")), v["public_key"],
+                                     num if isinstance(num, int) else 0,
+                                     str(v.get("voted_for_block_timestamp", ""))))
+    generation = active.get("generation", 0) if isinstance(active, dict) else 0
+    return FinalizerInfo(_policy(call, active), _policy(call, body.get(
+        "pending_finalizer_policy")), tuple(votes),
+        generation if isinstance(generation, int) else 0)
+
+
+class TransactionRefused(NodeosError):
+    """nodeos refused a transaction; ``name`` and ``code`` as in Spring's exceptions."""
+
+    def __init__(self, reason: str, name: str = "", code: int | None = None) -> None:
+        super().__init__("send_transaction2", reason)
+        self.name, self.code = name, code
+
+
+def parse_transaction_reply(status: int, body: bytes) -> str:
+    """The transaction id of an accepted ``send_transaction2``; TransactionRefused with
+    the chain's own words otherwise (a 202 may still carry a failure trace)."""
+    call = "send_transaction2"
+    try:
+        data = parse_response(call, status, body)
+    except NodeosHTTPError as exc:
+        detail = _first_detail(body)
+        raise TransactionRefused(f"{exc.what or exc.reason}{': ' + detail if detail else ''}",
+                                 _error_name(body), exc.code) from None
+    if not isinstance(data, dict) or not isinstance(data.get("transaction_id"), str):
+        raise NodeosBadResponse(call, f"expected a transaction id, got {_excerpt(body)}")
+    processed = data.get("processed")
+    failure = processed.get("except") if isinstance(processed, dict) else None
+    if isinstance(failure, dict):
+        stack = failure.get("stack")
+        detail = stack[0].get("format", "") if isinstance(stack, list) and stack and \
+            isinstance(stack[0], dict) else ""
+        code = failure.get("code")
+        raise TransactionRefused(f"{failure.get('message', 'failed')}: {detail}"[:300],
+                                 str(failure.get("name", "")),
+                                 code if isinstance(code, int) else None)
+    return str(data["transaction_id"])
+
+
+def _error_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    err = data.get("error") if isinstance(data, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+def _error_name(body: bytes) -> str:
+    return str(_error_json(body).get("name", ""))
+
+
+def _first_detail(body: bytes) -> str:
+    details = _error_json(body).get("details")
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        return str(details[0].get("message", ""))[:240]
+    return ""
 
 
 class NodeosClient:
@@ -216,6 +345,41 @@ class NodeosClient:
         await self._ok("pause_at_block", "/v1/producer/pause_at_block", budget,
                        {"block_num": block_num})
 
+    async def finalizer_info(self, budget: float | None = None) -> FinalizerInfo:
+        return parse_finalizer_info(await self._call(
+            "get_finalizer_info", "/v1/chain/get_finalizer_info", budget))
+
+    async def table_rows(self, table: str, budget: float | None = None) -> list[Any]:
+        """Rows of an ``eosio`` table (scope ``eosio``): finkeys, finalizers."""
+        data = await self._call("get_table_rows", "/v1/chain/get_table_rows", budget,
+                                {"code": "eosio", "scope": "eosio", "table": table,
+                                 "json": True, "limit": 1000})
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise NodeosBadResponse("get_table_rows", "expected rows")
+        return rows
+
+    async def account(self, name: str, budget: float | None = None) -> dict[str, Any]:
+        data = await self._call("get_account", "/v1/chain/get_account", budget,
+                                {"account_name": name})
+        if not isinstance(data, dict):
+            raise NodeosBadResponse("get_account", "expected an object")
+        return data
+
+    async def send_transaction(self, packed: dict[str, Any], timeout: float) -> str:
+        """``send_transaction2`` once (never retried here: a resend is the caller's call)."""
+        call = "send_transaction2"
+        try:
+            resp = await self._http.post(
+                "/v1/chain/send_transaction2", timeout=timeout,
+                json={"return_failure_trace": True, "retry_trx": False,
+                      "transaction": packed})
+        except httpx.TimeoutException:
+            raise NodeosTimeout(call, f"timed out after {timeout:.2f} s") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise NodeosUnavailable(call, f"unreachable: {type(exc).__name__}") from None
+        return parse_transaction_reply(resp.status_code, resp.content)
+
     async def paused(self, budget: float | None = None) -> bool:
         data = await self._call("paused", "/v1/producer/paused", budget)
         if not isinstance(data, bool):
@@ -233,12 +397,28 @@ class SyncState:
     head_block_producer: str | None
 
 
-class SyncEvaluator:
-    """In sync: get_info answers, right chain, fresh head, and the head advances."""
+@dataclass(frozen=True)
+class FinalityRule:
+    """Savanna's evidence of sync: the last irreversible block follows the head closely
+    while votes flow, and stops at once on a node cut from the network (its own blocks
+    keep its head fresh, but no votes reach it). Both bounds are measured from the head,
+    whose own freshness ``max_head_lag`` checks: when no one produces, the head and the
+    LIB stop together, and that is a stale head, not missing votes."""
 
-    def __init__(self, max_head_lag: float, expected_chain_id: str | None = None) -> None:
+    max_lib_lag: int  # blocks between head and LIB
+    max_lib_age: float  # seconds between the head's and the LIB's timestamps
+
+
+class SyncEvaluator:
+    """In sync: get_info answers, right chain, fresh head, the head advances and, on a
+    Savanna chain (``savanna`` set), a close and fresh last irreversible block."""
+
+    def __init__(self, max_head_lag: float, expected_chain_id: str | None = None,
+                 finality: FinalityRule | None = None) -> None:
         self.max_head_lag = max_head_lag
         self.expected_chain_id = expected_chain_id
+        self.finality = finality
+        self.savanna = False
         self._head: int | None = None
         self._advanced_at = 0.0
 
@@ -262,4 +442,23 @@ class SyncEvaluator:
         if stuck > self.max_head_lag:
             return SyncState(False, f"head stuck at {info.head_block_num} for {stuck:.1f} s",
                              lag, *state)
+        why = self.finality_problem(now_wall, info)
+        if why:
+            return SyncState(False, why, lag, *state)
         return SyncState(True, "", lag, *state)
+
+    def finality_problem(self, now_wall: float, info: ChainInfo) -> str:
+        """Why the chain's finality says this node is not in sync (empty: it is fine)."""
+        rule = self.finality
+        if rule is None or not self.savanna:
+            return ""
+        behind = info.head_block_num - info.last_irreversible_block_num
+        if behind > rule.max_lib_lag:
+            return (f"last irreversible block {behind} blocks behind head (max "
+                    f"{rule.max_lib_lag}): votes do not reach this node")
+        lib_time = info.last_irreversible_block_time
+        if lib_time is not None and info.head_block_time - lib_time > rule.max_lib_age:
+            return (f"last irreversible block {info.head_block_time - lib_time:.1f} s older "
+                    f"than the head (max {rule.max_lib_age:g} s): blocks are not being "
+                    "finalized")
+        return ""

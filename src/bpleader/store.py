@@ -73,8 +73,20 @@ class Keys:
         return f"{self.root}maintenance"
 
     @property
-    def handover(self) -> str:
-        return f"{self.root}handover"
+    def handovers(self) -> str:
+        return f"{self.root}handover/"
+
+    def handover(self, node: str) -> str:
+        return f"{self.handovers}{node}"
+
+    @property
+    def lasts(self) -> str:
+        return f"{self.root}last/"
+
+    def last(self, node: str) -> str:
+        """A leader's last record, kept without a lease: it outlives a frozen or killed
+        agent, so the next leader knows how far that one may have signed."""
+        return f"{self.lasts}{node}"
 
     @property
     def unfenced(self) -> str:
@@ -112,22 +124,37 @@ class NodeRecord:
     paused: bool | None = None
     version: str = ""
     updated: float = 0.0
+    # Savanna, with a [finalizer] section: this node's BLS key, the key our producer has
+    # active on-chain as this node sees it, and the last block that key was seen voting on.
+    finalizer_key: str | None = None
+    finalizer_active: str | None = None
+    last_vote: int | None = None
+    # Seconds from the LIB's timestamp to the head's (Savanna: about 1 s while votes flow).
+    lib_lag: float | None = None
+    # While it may produce: the wall time its fence pauses nodeos unless the lease is
+    # renewed (its lease deadline - fence_guard).
+    fence_at: float | None = None
     lease_id: int = 0
     valid: bool = True
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "role": self.role,
-                "in_sync": self.in_sync,
-                "head_block_num": self.head_block_num,
-                "lag": self.lag,
-                "paused": self.paused,
-                "version": self.version,
-                "updated": self.updated,
-            },
-            separators=(",", ":"),
-        )
+        data: dict[str, Any] = {
+            "role": self.role,
+            "in_sync": self.in_sync,
+            "head_block_num": self.head_block_num,
+            "lag": self.lag,
+            "paused": self.paused,
+            "version": self.version,
+            "updated": self.updated,
+        }
+        if self.lib_lag is not None:
+            data["lib_lag"] = self.lib_lag
+        if self.fence_at is not None:
+            data["fence_at"] = self.fence_at
+        if self.finalizer_key is not None:
+            data.update(finalizer_key=self.finalizer_key,
+                        finalizer_active=self.finalizer_active, last_vote=self.last_vote)
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, node: str, raw: bytes, lease_id: int = 0) -> NodeRecord:
@@ -150,10 +177,20 @@ class NodeRecord:
                 paused=paused if isinstance(paused, bool) else None,
                 version=_typed(data, "version", str, "")[:64],
                 updated=float(_typed(data, "updated", float, 0.0)),
+                finalizer_key=_text(data, "finalizer_key"),
+                finalizer_active=_text(data, "finalizer_active"),
+                last_vote=_typed(data, "last_vote", int, None),
+                lib_lag=_typed(data, "lib_lag", float, None),
+                fence_at=_typed(data, "fence_at", float, None),
                 lease_id=lease_id,
             )
         except (ValueError, TypeError, RecursionError, UnicodeDecodeError):
             return cls(node=node, lease_id=lease_id, valid=False)
+
+
+def _text(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return value[:200] if isinstance(value, str) else None
 
 
 def _typed(data: Mapping[str, Any], name: str, kind: type[T], default: T) -> T:
@@ -177,7 +214,11 @@ class Snapshot:
     # Nodes that gave up their lease without a confirmed pause: they may still produce.
     unfenced: Mapping[str, str] = field(default_factory=dict)
     # (node, head) the last leader left behind when it resigned with nodeos paused.
-    handover: tuple[str, int] | None = None
+    # Per node, the head it left when it last resigned with nodeos paused: one key per
+    # node, so a later resign by another node never hides a higher head.
+    handovers: Mapping[str, int] = field(default_factory=dict)
+    # Per node, its record as last published while it could produce (no lease).
+    lasts: Mapping[str, NodeRecord] = field(default_factory=dict)
     # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
     # written by someone else (or garbage), counted so that it is seen, never trusted.
     rejected: tuple[str, ...] = ()
@@ -200,7 +241,8 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     switchover: str | None = None
     maintenance: str | None = None
     unfenced: dict[str, str] = {}
-    handover: tuple[str, int] | None = None
+    handovers: dict[str, int] = {}
+    lasts: dict[str, NodeRecord] = {}
     rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
@@ -222,10 +264,17 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
-        elif key == keys.handover:
+        elif key.startswith(keys.lasts):
+            name = key[len(keys.lasts):]
+            lasts[name] = NodeRecord.parse(name, value)
+            if not lasts[name].valid:
+                rejected.append(f"{shown}: unreadable last record")
+        elif key.startswith(keys.handovers):
             handover = parse_handover(text)
-            if handover is None:
+            if handover is None or handover[0] != key[len(keys.handovers):]:
                 rejected.append(f"{shown}: unreadable handover record")
+            else:
+                handovers[handover[0]] = handover[1]
         elif key.startswith(keys.unfenced):
             # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
@@ -233,7 +282,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             rejected.append(f"{shown}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
     return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
-                    handover, tuple(rejected))
+                    handovers, lasts, tuple(rejected))
 
 
 def handover_value(node: str, head: int) -> str:
@@ -284,10 +333,14 @@ class Store(Protocol):
 
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
         """Delete our election key, only if it is still ours; in the same transaction,
-        when ``last_head`` is given, record it as the handover head for the next leader."""
+        when ``last_head`` is given, record it as our handover head for the next leader
+        (whether or not the key was still there)."""
         ...
 
-    async def publish(self, record: NodeRecord, lease_id: int) -> None: ...
+    async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
+        """Our record, on our lease; with ``keep``, also as our ``last`` record without
+        one (in the same transaction)."""
+        ...
 
     async def clear_switchover(self, target: str) -> None:
         """Delete the switchover request, only if it still names ``target``."""
@@ -298,6 +351,10 @@ class Store(Protocol):
         ...
 
     async def clear_unfenced(self, node: str) -> None: ...
+
+    async def leave_handover(self, node: str, head: int) -> None:
+        """Record, without a lease, the head ``node`` left with nodeos paused."""
+        ...
 
 
 def endpoint_parts(url: str) -> tuple[str, int, bool]:
@@ -500,17 +557,28 @@ class EtcdStore:
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
         def delete(c: Any) -> None:
             t = c.transactions
-            ops = [t.delete(me.key)]
-            if last_head > 0:
-                ops.append(t.put(self.keys.handover, handover_value(me.node, last_head)))
-            c.transaction(compare=[t.create(me.key) == me.create_revision], success=ops,
-                          failure=[])
+            # The head is left even when our key is gone already (expired, revoked).
+            handover = [t.put(self.keys.handover(me.node), handover_value(me.node, last_head))
+                        ] if last_head > 0 else []
+            c.transaction(compare=[t.create(me.key) == me.create_revision],
+                          success=[t.delete(me.key), *handover], failure=handover)
 
         await self._run("resign", delete)
 
-    async def publish(self, record: NodeRecord, lease_id: int) -> None:
-        await self._run("publish", lambda c: c.put(self.keys.node(record.node),
-                                                    record.to_json(), lease_id))
+    async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
+        value = record.to_json()
+
+        def put(c: Any) -> None:
+            if not keep:
+                c.put(self.keys.node(record.node), value, lease_id)
+                return
+            t = c.transactions
+            c.transaction(compare=[], success=[t.put(self.keys.node(record.node), value,
+                                                     lease_id),
+                                               t.put(self.keys.last(record.node), value)],
+                          failure=[])
+
+        await self._run("publish", put)
 
     async def clear_switchover(self, target: str) -> None:
         key = self.keys.switchover
@@ -526,6 +594,10 @@ class EtcdStore:
 
     async def clear_unfenced(self, node: str) -> None:
         await self._run("clear_unfenced", lambda c: c.delete(self.keys.unfenced_node(node)))
+
+    async def leave_handover(self, node: str, head: int) -> None:
+        await self._run("handover", lambda c: c.put(self.keys.handover(node),
+                                                     handover_value(node, head)))
 
     # Operator commands (status, switchover, maintenance) share the connection code.
 

@@ -1,38 +1,27 @@
-"""Blocks, the producer schedule and the block tree with its fork choice.
+"""Blocks, the producer schedule and the canonical chain: the vocabulary of the chain model.
 
-Pure data and logic, no clock and no threads: whoever drives it passes times in. Times
-are integer milliseconds since the epoch, so slot arithmetic never suffers float rounding
-(``0.1 * k`` is not exact; ``100 * k`` is).
+Pure data and logic, no clock and no threads. Block timestamps are integer milliseconds
+since the Unix epoch, so slot arithmetic never suffers float rounding (``0.1 * k`` is not
+exact; ``100 * k`` is).
 
-The tree keeps every block, canonical or not, because a double production is exactly a
-block that lost: the ledger must still see it. The canonical head is chosen as nodeos's
-legacy fork choice does: the highest block wins, and a block no higher than the head
-never displaces it (first seen wins a tie). A longer fork therefore *reorganises* the
-canonical chain, as it would on a real network.
+Blocks point at their parent. Every block stays reachable while it is recent, canonical
+or not, because a double production is exactly a block that lost: the ledger must still
+see it. :class:`Canonical` is the chain the rest of the network follows, by height; the
+model trims blocks older than its ``keep`` heights so long runs have bounded memory.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import time
-from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bpleader.sim.finality import PolicyState
 
 GENESIS_PRODUCER = "eosio"
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """One signed block; ``signer`` is our node that signed it (None: the rest of the network)."""
-
-    height: int
-    slot: int
-    timestamp_ms: int
-    producer: str
-    signer: str | None
-    block_id: str
-    parent_id: str
+NO_PARENT = "0" * 64
 
 
 def make_block_id(height: int, parent_id: str, slot: int, signer: str | None) -> str:
@@ -50,23 +39,85 @@ def format_block_time(ms: int) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}"
 
 
+class Block:
+    """One signed block; ``signer`` is our node that signed it (None: the rest of the network).
+
+    Savanna fields: ``qc`` is the ancestor this block claims a strong quorum certificate
+    on, ``final`` the last final block as of this block (what a node whose head this is
+    reports as irreversible), ``policies`` the finalizer policies in force after it.
+    """
+
+    __slots__ = ("block_id", "final", "height", "parent", "policies", "producer", "qc",
+                 "signer", "slot", "timestamp_ms", "txs")
+
+    def __init__(self, height: int, slot: int, timestamp_ms: int, producer: str,
+                 signer: str | None, parent: Block | None) -> None:
+        self.height = height
+        self.slot = slot
+        self.timestamp_ms = timestamp_ms
+        self.producer = producer
+        self.signer = signer
+        self.parent = parent
+        self.block_id: str = make_block_id(height, parent.block_id if parent else NO_PARENT,
+                                      slot, signer)
+        self.qc: Block | None = None
+        self.final: Block = self
+        self.policies: PolicyState | None = None
+        self.txs: tuple[str, ...] = ()  # ids of the transactions it carries
+
+    def __repr__(self) -> str:
+        return f"Block(#{self.height} slot {self.slot} by {self.signer or self.producer})"
+
+    def ancestor(self, height: int) -> Block:
+        """This block's ancestor at ``height`` (or the oldest one still kept)."""
+        cursor = self
+        while cursor.height > height and cursor.parent is not None:
+            cursor = cursor.parent
+        return cursor
+
+    def extends(self, other: Block) -> bool:
+        """True when ``other`` is this block or one of its (kept) ancestors."""
+        return self.ancestor(other.height) is other
+
+
+def genesis_block(slot: int, timestamp_ms: int) -> Block:
+    return Block(1, slot, timestamp_ms, GENESIS_PRODUCER, None, None)
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Round robin: each producer signs ``slots_per_producer`` consecutive slots."""
+    """The producer schedule as turns: each ``(producer, slots)`` signs that many
+    consecutive slots, then the next; a round is all turns once."""
 
-    producers: tuple[str, ...]
-    slots_per_producer: int
+    turns: tuple[tuple[str, int], ...]
 
-    def producer_at(self, slot: int) -> str:
-        return self.producers[(slot // self.slots_per_producer) % len(self.producers)]
+    @classmethod
+    def round_robin(cls, producers: tuple[str, ...], slots_per_producer: int) -> Schedule:
+        return cls(tuple((p, slots_per_producer) for p in producers))
+
+    def __post_init__(self) -> None:
+        if not self.turns or any(n < 1 for _, n in self.turns):
+            raise ValueError("a schedule needs turns of at least one slot")
 
     @property
     def round_slots(self) -> int:
-        return len(self.producers) * self.slots_per_producer
+        return sum(n for _, n in self.turns)
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for p, _ in self.turns))
+
+    def producer_at(self, slot: int) -> str:
+        k = slot % self.round_slots
+        for producer, n in self.turns:
+            if k < n:
+                return producer
+            k -= n
+        raise AssertionError("unreachable")
 
     @property
     def irreversible_depth(self) -> int:
-        """How far the last irreversible block trails the head: about 2/3 of a round."""
+        """Legacy (pre-Savanna) finality: LIB trails the head by about 2/3 of a round."""
         return max(1, -(-2 * self.round_slots // 3))
 
 
@@ -78,81 +129,39 @@ class Reorg:
     added: tuple[Block, ...]
 
 
-class BlockTree:
-    """Every recent block by id, the canonical branch by height, and the head's history.
-
-    The history (when each head became visible) answers "what was the head at time t",
-    which is what a node that receives blocks late sees. Only the last ``keep`` heights
-    are kept, so memory stays bounded on long runs; older questions are answered with the
-    oldest block still kept.
-    """
+class Canonical:
+    """The chain the rest of the network follows, indexed by height (recent heights only)."""
 
     def __init__(self, genesis: Block, keep: int) -> None:
         self.keep = keep
         self.head = genesis
-        self._by_id: dict[str, Block] = {genesis.block_id: genesis}
-        self._order: deque[Block] = deque([genesis])
-        self._canonical: dict[int, Block] = {genesis.height: genesis}
-        self._oldest_canonical = genesis.height
-        self._visible_ms: list[int] = [genesis.timestamp_ms]
-        self._visible_head: list[Block] = [genesis]
+        self._by_height: dict[int, Block] = {genesis.height: genesis}
+        self.oldest_height = genesis.height
 
-    @property
-    def oldest_height(self) -> int:
-        return self._oldest_canonical
-
-    def add(self, block: Block) -> None:
-        self._by_id[block.block_id] = block
-        self._order.append(block)
-
-    def offer(self, block: Block, visible_ms: int) -> Reorg | None:
-        """Make ``block`` the head if it is higher than the head; it shows at ``visible_ms``."""
-        if block.height <= self.head.height:
+    def adopt(self, head: Block) -> Reorg | None:
+        """``head`` is the network's new head; the blocks that changed side, if any did."""
+        if head is self.head:
             return None
         added: list[Block] = []
-        cursor: Block | None = block
-        while cursor is not None and self._canonical.get(cursor.height) is not cursor:
+        cursor: Block | None = head
+        while cursor is not None and self._by_height.get(cursor.height) is not cursor \
+                and cursor.height >= self.oldest_height:
             added.append(cursor)
-            cursor = self._by_id.get(cursor.parent_id)
-        fork_point = cursor.height if cursor is not None else self._oldest_canonical - 1
-        removed = [self._canonical.pop(h) for h in range(self.head.height, fork_point, -1)
-                   if h in self._canonical]
+            cursor = cursor.parent
+        fork_point = cursor.height if cursor is not None else self.oldest_height - 1
+        removed = [self._by_height.pop(h) for h in range(self.head.height, fork_point, -1)
+                   if h in self._by_height]
         for b in added:
-            self._canonical[b.height] = b
-        self.head = block
-        self._visible_ms.append(visible_ms)
-        self._visible_head.append(block)
-        self._trim()
+            self._by_height[b.height] = b
+        self.head = head
+        cutoff = head.height - self.keep
+        while self.oldest_height < cutoff:
+            self._by_height.pop(self.oldest_height, None)
+            self.oldest_height += 1
         return Reorg(tuple(removed), tuple(reversed(added)))
 
+    def at(self, height: int) -> Block | None:
+        return self._by_height.get(height)
+
     def is_canonical(self, block: Block) -> bool:
-        return self._canonical.get(block.height) is block
-
-    def head_as_of(self, t_ms: int) -> Block:
-        """The canonical head as it could be seen at ``t_ms``."""
-        i = bisect.bisect_right(self._visible_ms, t_ms)
-        return self._visible_head[max(0, i - 1)]
-
-    def ancestor(self, block: Block, height: int) -> Block:
-        """``block``'s ancestor at ``height`` (or the oldest one still kept)."""
-        cursor = block
-        while cursor.height > height:
-            if self.is_canonical(cursor):
-                return self._canonical.get(height) or self._canonical[self._oldest_canonical]
-            parent = self._by_id.get(cursor.parent_id)
-            if parent is None:
-                return cursor
-            cursor = parent
-        return cursor
-
-    def _trim(self) -> None:
-        cutoff = self.head.height - self.keep
-        while self._order and self._order[0].height < cutoff:
-            old = self._order.popleft()
-            self._by_id.pop(old.block_id, None)
-        while self._oldest_canonical < cutoff:
-            self._canonical.pop(self._oldest_canonical, None)
-            self._oldest_canonical += 1
-        if len(self._visible_ms) > 2 * self.keep:
-            del self._visible_ms[: self.keep]
-            del self._visible_head[: self.keep]
+        return self._by_height.get(block.height) is block

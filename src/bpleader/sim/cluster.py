@@ -22,12 +22,17 @@ from bpleader.sim.chain import Schedule
 from bpleader.sim.control import ControlServer
 from bpleader.sim.engine import Engine
 from bpleader.sim.faults import DOWN_FAULTS, check_fault
+from bpleader.sim.finality import DEFAULT_VOTE_TIMEOUT
+from bpleader.sim.model import ChainConfig
 from bpleader.sim.node import ApiCall, NodeServer
 from bpleader.sim.nodeos_api import Identity
+from bpleader.sim.system import SystemContract
 
 log = logging.getLogger("bpleader.sim.cluster")
 
 DEFAULT_CHAIN_ID = hashlib.sha256(b"bpleader simulated chain").hexdigest()
+SPRING_VERSION = "v1.2.2"  # what a Savanna chain's nodeos reports
+LEAP_VERSION = "v5.0.3"  # and a legacy one's
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # A failed restart (its port taken meanwhile) is tried again this much later.
@@ -130,18 +135,33 @@ class SimCluster:
                  pause_on_startup: Mapping[str, bool] | bool = False,
                  unix_dir: Path | None = None, host: str = "127.0.0.1", base_port: int = 0,
                  control_port: int = 0, chain_id: str = DEFAULT_CHAIN_ID,
-                 server_version_string: str = "v5.0.3") -> None:
+                 server_version_string: str | None = None, savanna: bool = True,
+                 bls_keys: Mapping[str, str | None] | None = None,
+                 vote_timeout: float = DEFAULT_VOTE_TIMEOUT,
+                 finalizer_permission: str | None = None,
+                 finalizer_permission_key: str | None = None,
+                 link_finalizer_permission: bool = True,
+                 unregistered_keys: Sequence[str] = ()) -> None:
         _check(producer, nodes, other_producers, slots_per_producer, block_interval,
                pause_on_startup, chain_id, base_port)
         flags = {n: (pause_on_startup if isinstance(pause_on_startup, bool)
                      else pause_on_startup.get(n, False)) for n in nodes}
-        self.engine = Engine(producer, flags, Schedule((producer, *other_producers),
-                                                       slots_per_producer),
-                             round(block_interval * 1000), chain_id)
+        config = ChainConfig(
+            producer, tuple(nodes),
+            Schedule.round_robin((producer, *other_producers), slots_per_producer),
+            interval_ms=round(block_interval * 1000), savanna=savanna,
+            bls_keys=dict(bls_keys or {}), vote_timeout=vote_timeout,
+            pause_on_startup=flags)
+        contract = SystemContract.for_chain(
+            config, finalizer_permission, finalizer_permission_key,
+            link_finalizer_permission, unregistered_keys) if savanna else None
+        version = server_version_string or (SPRING_VERSION if savanna else LEAP_VERSION)
+        identity = Identity(chain_id, version)
+        self.engine = Engine(config, identity, contract)
+        self.savanna = savanna
         self.block_interval = block_interval
-        identity = Identity(chain_id, server_version_string)
         self._servers = {
-            name: NodeServer(name, self.engine, identity, host=host,
+            name: NodeServer(name, self.engine, host=host,
                              port=base_port + i if base_port else 0,
                              unix_path=unix_dir / f"{name}.sock" if unix_dir else None)
             for i, name in enumerate(nodes)}

@@ -1,25 +1,36 @@
-"""The ledger: every block our producer signed, and the double productions among them.
+"""The ledger: every block and vote our producer signed, and the violations among them.
 
-This is the simulator's reason to exist. bpleader's invariant is "no double production",
-so every test, demo and benchmark ends by asking the ledger how many slots and heights
-our producer signed twice. Counts are kept forever; the per-slot records (who signed what,
-for timelines) and the event list are kept for the most recent slots only, so a long run
-has bounded memory.
+This is the simulator's reason to exist. bpleader's invariant is "no double production"
+and, on Savanna, "no vote equivocation", so every test, demo, benchmark and simulated run
+ends by asking the ledger:
+
+* a **double-produced slot**: two blocks signed with our key for one slot;
+* a **double-produced height**: blocks of ours by two different nodes at one block number
+  (a node that resumed on a stale head forked the chain). One node signing a height again
+  after its own block lost a fork is counted apart (``resigned_heights``): Spring does it
+  by design on Savanna, where no producer watermark exists and votes decide finality;
+  on a legacy chain nodeos's watermark prevents it (the model has that rule too);
+* a **vote equivocation**: one finalizer key voting for two different blocks with the same
+  timestamp (two nodes sharing a BLS key; the safety file protects one node only);
+* a **shared BLS key**: one finalizer key configured on two of our nodes, which makes the
+  previous one possible.
+
+Counts are kept forever; per-slot records (who signed what, for timelines) and the event
+list are kept for the most recent slots only, so a long run has bounded memory.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bpleader.sim.chain import Block, BlockTree, Reorg, format_block_time
+from bpleader.sim.chain import Block, Canonical, Reorg, format_block_time
 
 log = logging.getLogger("bpleader.sim.ledger")
 
-KEEP_SLOTS = 100_000
 KEEP_EVENTS = 1_000
 # A tick that runs later than this fraction of a block interval after its boundary is late:
 # a real producer would have lost that much of its slot.
@@ -27,11 +38,24 @@ LATE_FRACTION = 0.1
 
 
 @dataclass(frozen=True, slots=True)
-class DoubleProduction:
-    """Blocks of ours sharing a slot or a height (formatted only when asked for)."""
+class Violation:
+    """Blocks of ours sharing a slot or a height, votes of one key for one timestamp,
+    or a key configured twice (formatted only when asked for)."""
 
-    kind: str
+    kind: str  # "slot", "height", "equivocation" or "shared_key"
     blocks: list[Block]
+    key: str = ""
+    nodes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "shared_key":
+            return f"BLS key {self.key[:20]}… configured on {', '.join(self.nodes)}"
+        parts = ", ".join(f"{b.signer or b.producer} #{b.height} slot {b.slot}"
+                          for b in self.blocks)
+        if self.kind == "equivocation":
+            return (f"vote equivocation: key {self.key[:20]}… (on {', '.join(self.nodes)}) "
+                    f"voted for {parts}")
+        return f"double production ({self.kind}): {parts}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,23 +68,32 @@ class SlotRecord:
     lateness_ms: float
 
 
-def _block_json(block: Block, tree: BlockTree) -> dict[str, Any]:
+def _block_json(block: Block, canonical: Canonical) -> dict[str, Any]:
     return {"node": block.signer, "slot": block.slot, "height": block.height,
             "timestamp": format_block_time(block.timestamp_ms), "block_id": block.block_id,
-            "canonical": tree.is_canonical(block)}
+            "canonical": canonical.is_canonical(block)}
 
 
 class Ledger:
-    """Counts and records slot by slot; the tree tells which blocks are canonical now."""
+    """Counts and records slot by slot; ``canonical`` tells which blocks the network kept.
+
+    ``on_violation`` hears of each violation as it happens (the deterministic simulation
+    turns it into a failed run); ``keep`` bounds the per-slot records and the heights
+    remembered for the double-production check.
+    """
 
     def __init__(self, producer: str, nodes: Sequence[str], interval_ms: int,
-                 tree: BlockTree) -> None:
+                 canonical: Canonical, keep: int = 100_000,
+                 on_violation: Callable[[Violation], None] | None = None) -> None:
         self.producer = producer
         self.interval_ms = interval_ms
-        self._tree = tree
-        self._records: deque[SlotRecord] = deque(maxlen=KEEP_SLOTS)
-        self._events: deque[DoubleProduction] = deque(maxlen=KEEP_EVENTS)
+        self.keep = keep
+        self._canonical = canonical
+        self._on_violation = on_violation
+        self._records: deque[SlotRecord] = deque(maxlen=keep)
+        self._events: deque[Violation] = deque(maxlen=KEEP_EVENTS)
         self._by_height: dict[int, list[Block]] = {}
+        self._votes: dict[str, dict[int, tuple[Block, str]]] = {}
         self.blocks_by_node: Counter[str] = Counter({n: 0 for n in nodes})
         self.slots = 0
         self.our_slots = 0
@@ -70,16 +103,26 @@ class Ledger:
         self.double_produced_slots = 0
         self.double_produced_heights = 0
         self.double_production_events = 0
+        self.resigned_heights = 0
+        self.votes = 0
+        self.equivocations = 0
+        self.shared_bls_keys = 0
         self.late_ticks = 0
         self._lateness_sum_ms = 0.0
         self.lateness_max_ms = 0.0
 
-    def record_slot(self, slot: int, producer: str, blocks: Sequence[Block],
-                    lateness_ms: float) -> None:
-        """One slot has begun: ``blocks`` are our blocks signed in it (empty for others)."""
+    @property
+    def violations(self) -> int:
+        return (self.double_produced_slots + self.double_produced_heights
+                + self.equivocations + self.shared_bls_keys)
+
+    def record_slot(self, slot: int, start_ms: int, producer: str, blocks: Sequence[Block],
+                    lateness_ms: float = 0.0) -> None:
+        """One slot has ended: ``blocks`` are our blocks signed in it (empty for others)."""
         ours = producer == self.producer
-        self._records.append(SlotRecord(slot, slot * self.interval_ms, producer, ours,
-                                        tuple(blocks), lateness_ms))
+        if self.keep:
+            self._records.append(SlotRecord(slot, start_ms, producer, ours,
+                                            tuple(blocks), lateness_ms))
         self.slots += 1
         self._lateness_sum_ms += lateness_ms
         self.lateness_max_ms = max(self.lateness_max_ms, lateness_ms)
@@ -95,38 +138,66 @@ class Ledger:
             self._count_block(block)
         if len(blocks) >= 2:
             self.double_produced_slots += 1
-            self._event("slot", list(blocks))
+            self._event(Violation("slot", list(blocks)))
 
     def _count_block(self, block: Block) -> None:
         assert block.signer is not None
         self.our_blocks += 1
         self.blocks_by_node[block.signer] += 1
         same = self._by_height.setdefault(block.height, [])
+        if same and all(b.signer == block.signer for b in same):
+            # One node signing a height again after its own block lost a fork: Spring does
+            # that by design on a Savanna chain (no watermark there; votes decide), and
+            # nothing outside nodeos can stop it. Reported, not a double production.
+            self.resigned_heights += 1
         same.append(block)
-        if len(same) == 2:
+        signers = {b.signer for b in same}
+        if len(signers) == 2 and block.signer in signers and \
+                sum(1 for b in same if b.signer == block.signer) == 1:
             self.double_produced_heights += 1
             # The event holds the height's live list: a third signer joins this event.
-            self._event("height", same)
-        if len(self._by_height) > 2 * KEEP_SLOTS:
-            cutoff = self._tree.head.height - KEEP_SLOTS
+            self._event(Violation("height", same))
+        if len(self._by_height) > 2 * self.keep + 100:
+            cutoff = block.height - self.keep
             self._by_height = {h: bs for h, bs in self._by_height.items() if h >= cutoff}
 
-    def _event(self, kind: str, blocks: list[Block]) -> None:
-        self.double_production_events += 1
-        self._events.append(DoubleProduction(kind, blocks))
-        log.warning("double production (%s) slot=%d height=%d nodes=%s", kind, blocks[-1].slot,
-                    blocks[-1].height, ",".join(str(b.signer) for b in blocks))
+    def record_vote(self, key: str, node: str, block: Block) -> None:
+        """Our node ``node`` signed a vote with ``key`` for ``block``."""
+        self.votes += 1
+        seen = self._votes.setdefault(key, {})
+        earlier = seen.get(block.timestamp_ms)
+        if earlier is None:
+            seen[block.timestamp_ms] = (block, node)
+            if len(seen) > 2 * self.keep + 100:
+                cutoff = block.timestamp_ms - self.keep * self.interval_ms
+                self._votes[key] = {t: v for t, v in seen.items() if t >= cutoff}
+        elif earlier[0] is not block:
+            self.equivocations += 1
+            self._event(Violation("equivocation", [earlier[0], block], key,
+                                  (earlier[1], node)))
+
+    def record_shared_key(self, key: str, nodes: Sequence[str]) -> None:
+        self.shared_bls_keys += 1
+        self._event(Violation("shared_key", [], key, tuple(nodes)))
+
+    def _event(self, violation: Violation) -> None:
+        self.double_production_events += violation.kind in ("slot", "height")
+        self._events.append(violation)
+        log.warning("%s", violation.describe())
+        if self._on_violation is not None:
+            self._on_violation(violation)
 
     def on_reorg(self, reorg: Reorg) -> None:
-        """Keep the count of our canonical blocks right when the head changes branch."""
+        """Keep the count of our canonical blocks right when the network changes branch."""
         self.our_canonical += sum(1 for b in reorg.added if b.signer is not None)
         self.our_canonical -= sum(1 for b in reorg.removed if b.signer is not None)
         if reorg.removed:
             log.info("reorganisation: %d block(s) left the canonical chain, new head %d",
-                     len(reorg.removed), self._tree.head.height)
+                     len(reorg.removed), self._canonical.head.height)
 
     def summary(self, head: Block) -> dict[str, Any]:
-        """The counts; ``head`` is the canonical head as visible now."""
+        """The counts; ``head`` is the network's head as visible now."""
+        productions = [e for e in self._events if e.kind in ("slot", "height")]
         return {
             "producer": self.producer,
             "slots": self.slots,
@@ -138,7 +209,13 @@ class Ledger:
             "double_produced_slots": self.double_produced_slots,
             "double_produced_heights": self.double_produced_heights,
             "double_production_events_total": self.double_production_events,
-            "double_production_events": [_describe(e.kind, e.blocks) for e in self._events],
+            "resigned_heights": self.resigned_heights,
+            "double_production_events": [_describe(e.kind, e.blocks) for e in productions],
+            "votes": self.votes,
+            "vote_equivocations": self.equivocations,
+            "shared_bls_keys": self.shared_bls_keys,
+            "finality_events": [e.describe() for e in self._events
+                                if e.kind in ("equivocation", "shared_key")],
             "head_block_num": head.height,
             "head_block_producer": head.producer,
             "head_block_time": format_block_time(head.timestamp_ms),
@@ -156,7 +233,7 @@ class Ledger:
 
     def _record_json(self, r: SlotRecord) -> dict[str, Any]:
         return {"slot": r.slot, "start": format_block_time(r.start_ms), "producer": r.producer,
-                "ours": r.ours, "blocks": [_block_json(b, self._tree) for b in r.blocks],
+                "ours": r.ours, "blocks": [_block_json(b, self._canonical) for b in r.blocks],
                 "lateness_ms": round(r.lateness_ms, 3)}
 
 

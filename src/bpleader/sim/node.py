@@ -73,11 +73,10 @@ class CallLog:
 class NodeServer:
     """The HTTP face of node ``name``; the chain state lives in the shared engine."""
 
-    def __init__(self, name: str, engine: Engine, identity: nodeos_api.Identity, *,
-                 host: str = "127.0.0.1", port: int = 0, unix_path: Path | None = None) -> None:
+    def __init__(self, name: str, engine: Engine, *, host: str = "127.0.0.1", port: int = 0,
+                 unix_path: Path | None = None) -> None:
         self.name = name
         self.engine = engine
-        self.identity = identity
         self.calls = CallLog()
         self.http = HTTPService(self._handle, host=host, port=port, unix_path=unix_path,
                                 on_stop=self._wake)
@@ -121,4 +120,4 @@ class NodeServer:
                 return nodeos_api.garbage()
             if "no_producer_api" in faults and request.path.startswith(nodeos_api.PRODUCER_API):
                 return nodeos_api.not_found()
-            return nodeos_api.answer(engine, name, self.identity, request.path, request.body)
+            return engine.answer(name, request.path, request.body)

@@ -149,6 +149,15 @@ class SimEtcd:
         lease = self._alive_lease(lease_id, "revoke")
         self._drop_lease(lease, "revoked")
 
+    def revoke_by_hand(self, lease_id: int) -> bool:
+        """``etcdctl lease revoke`` from outside the agents; False if no such lease."""
+        self.expire()
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return False
+        self._drop_lease(lease, "revoked by hand")
+        return True
+
     def snapshot(self) -> Snapshot:
         self.expire()
         root = self.keys.root
@@ -181,15 +190,19 @@ class SimEtcd:
         own = self.kvs.get(me.key)
         if own is not None and own.create_revision == me.create_revision:
             self._delete(me.key)
-            if last_head > 0:
-                self._put(self.keys.handover, handover_value(me.node, last_head).encode(), 0)
-            self.trace.add("etcd", f"resign {me.node} key {me.lease_id:x} rev "
-                           f"{me.create_revision}")
+        if last_head > 0:
+            self._put(self.keys.handover(me.node),
+                      handover_value(me.node, last_head).encode(), 0)
+        self.trace.add("etcd", f"resign {me.node} key {me.lease_id:x} rev "
+                       f"{me.create_revision}"
+                       f"{f', handover head #{last_head}' if last_head else ''}")
 
-    def publish(self, record: NodeRecord, lease_id: int) -> None:
+    def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
         self.expire()
         self._alive_lease(lease_id, "publish")
         self._put(self.keys.node(record.node), record.to_json().encode(), lease_id)
+        if keep:
+            self._put(self.keys.last(record.node), record.to_json().encode(), 0)
 
     def clear_switchover(self, target: str) -> None:
         self.expire()
@@ -209,6 +222,11 @@ class SimEtcd:
         if self.keys.unfenced_node(node) in self.kvs:
             self._delete(self.keys.unfenced_node(node))
             self.trace.add("etcd", f"{node} unfenced mark cleared")
+
+    def leave_handover(self, node: str, head: int) -> None:
+        self.expire()
+        self._put(self.keys.handover(node), handover_value(node, head).encode(), 0)
+        self.trace.add("etcd", f"{node} left handover head #{head}")
 
     # ------------------------------------------------------- operator commands
 
@@ -376,8 +394,8 @@ class StoreClient:
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
         await self._call("resign", lambda: self._etcd.resign(me, last_head))
 
-    async def publish(self, record: NodeRecord, lease_id: int) -> None:
-        await self._call("publish", lambda: self._etcd.publish(record, lease_id))
+    async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
+        await self._call("publish", lambda: self._etcd.publish(record, lease_id, keep))
 
     async def clear_switchover(self, target: str) -> None:
         await self._call("clear_switchover", lambda: self._etcd.clear_switchover(target))
@@ -387,6 +405,9 @@ class StoreClient:
 
     async def clear_unfenced(self, node: str) -> None:
         await self._call("clear_unfenced", lambda: self._etcd.clear_unfenced(node))
+
+    async def leave_handover(self, node: str, head: int) -> None:
+        await self._call("handover", lambda: self._etcd.leave_handover(node, head))
 
 
 class CallHooks:

@@ -47,6 +47,13 @@ class FaultScheduler(CallHooks):
         # the takeover, a sync check of a restarted nodeos, and a few ticks of slack.
         self.bound = 2 * t.lease_ttl + t.takeover_delay + t.max_head_lag + \
             6 * t.check_interval + 3.0
+        # Continuity (layer 10): when a leader vanished without a handover, its successor
+        # waits until the network has built past every height the old one may have signed
+        # unseen, one per slot for up to a lease TTL (and the key switch); the other
+        # producers of these small schedules make only a share of the blocks.
+        rounds = world.scenario.schedule
+        share = rounds.others / (rounds.ours + rounds.others)
+        self.bound += (t.lease_ttl + 4.0) / share
 
     @classmethod
     def install(cls, world: World) -> FaultScheduler | None:
@@ -165,6 +172,16 @@ class FaultScheduler(CallHooks):
                        lambda: setattr(link, "extra_delay", 0.0),
                        f"etcd slow by up to {link.extra_delay:.2f}s")
 
+    def _store_revoke(self, node: Node) -> None:
+        """A node's lease revoked behind its back (``etcdctl lease revoke``): its keys go at
+        once, while its agent still counts on the lease until it next asks etcd. Only
+        aimed at a node taking over (buggify): revoking a producing leader's lease by
+        hand defeats any lease-based design, see the README's residual risks."""
+        lease = node.agent.session.lease if node.running and node.agent else None
+        if lease is not None and self.w.etcd.revoke_by_hand(lease.id):
+            node.revoked_at = self.now()
+            self.w.trace.add("faults", f"operator: lease of {node.name} revoked by hand")
+
     def _store_leader_change(self, node: Node) -> None:
         outage = self.rng.uniform(0.1, 3.0)
         self.w.etcd.leader_change(outage)
@@ -180,8 +197,7 @@ class FaultScheduler(CallHooks):
         catch_up = self.rng.uniform(0.1, 2.0)
 
         def back() -> None:
-            n.start(self.w.scenario.pause_on_startup)
-            self.w.rejoin(n, catch_up)
+            n.start(self.w.scenario.pause_on_startup, catch_up)
         self._hold("nodeos", node, self._span(0.5, self.cfg.max_down), back, "nodeos down")
 
     def _api_heal(self, node: Node, attr: str, value: object) -> Callable[[], None]:
@@ -216,7 +232,7 @@ class FaultScheduler(CallHooks):
         """Its peers stop sending it blocks: its head stalls (its own blocks still go out)."""
         n = node.nodeos
         if self._free("nodeos", node) and n.up:
-            n.receiving = False
+            n.node.receiving = False
             catch_up = self.rng.uniform(0.1, 2.0)
             self._hold("nodeos", node, self._span(1.0, 30.0),
                        lambda: self.w.rejoin(n, catch_up) if n.up else None,
@@ -226,14 +242,14 @@ class FaultScheduler(CallHooks):
         """Cut from the p2p network both ways: a producing node builds a fork of its own."""
         n = node.nodeos
         if self._free("nodeos", node) and n.up:
-            n.receiving = n.sending = False
+            n.node.receiving = n.node.sending = False
             catch_up = self.rng.uniform(0.1, 2.0)
             self._hold("nodeos", node, self._span(1.0, 30.0),
                        lambda: self.w.rejoin(n, catch_up) if n.up else None,
                        "nodeos isolated from p2p (both ways)")
 
     def _nodeos_slow_p2p(self, node: Node) -> None:
-        n = node.nodeos
+        n = node.nodeos.node
         if self._free("p2p", node):
             n.p2p_extra = self.rng.uniform(0.05, max(0.05, self.w.scenario.max_block_delay
                                                      - 0.05))
@@ -300,6 +316,12 @@ class FaultScheduler(CallHooks):
             return
         node = self.w.nodes[process.node]
         role = node.role
+        if role == Role.TAKING_OVER and op == "snapshot" and \
+                self.bug_rng.random() < 0.02 * self.cfg.buggify:
+            # The lock goes between the read that elected it and its resume: only the
+            # re-check of layer 6 sees it.
+            self._store_revoke(node)
+            return
         p = {Role.TAKING_OVER: 0.03, Role.LEADER: 0.002}.get(role, 0.0005) if role else 0.0
         if self.bug_rng.random() < p * self.cfg.buggify:
             duration = math.exp(self.bug_rng.uniform(math.log(0.05),

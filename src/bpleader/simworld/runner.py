@@ -15,7 +15,7 @@ from typing import TextIO
 
 from bpleader.simworld.faults import FaultScheduler
 from bpleader.simworld.scenario import Scenario
-from bpleader.simworld.variants import AGENTS
+from bpleader.simworld.variants import AGENTS, SCENARIOS
 from bpleader.simworld.world import Result, World
 
 
@@ -32,20 +32,22 @@ class Job:
     agent: str
     keep_trace: int | None
     kill_fence: bool = True
+    savanna: bool = True
 
 
 def run_job(job: Job) -> Result:
     scenario = Scenario.explore(job.seed, job.duration, agent=job.agent,
-                                keep_trace=job.keep_trace, kill_fence=job.kill_fence)
+                                keep_trace=job.keep_trace, kill_fence=job.kill_fence,
+                                savanna=job.savanna, **SCENARIOS.get(job.agent, {}))
     return simulate(scenario)
 
 
 def explore(seeds: Iterable[int], duration: float, agent: str = "real", jobs: int = 1,
             keep_trace: int | None = 400, deadline: float = math.inf,
-            kill_fence: bool = True) -> Iterator[Result]:
+            kill_fence: bool = True, savanna: bool = True) -> Iterator[Result]:
     """Results as they come (in any order when ``jobs`` > 1); no seed is started after
     ``deadline`` (time.monotonic()), the ones running are finished."""
-    work = (Job(seed, duration, agent, keep_trace, kill_fence) for seed in seeds)
+    work = (Job(seed, duration, agent, keep_trace, kill_fence, savanna) for seed in seeds)
     if jobs <= 1:
         for job in work:
             if time.monotonic() >= deadline:
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the real agent, or one with a safety layer removed")
     p.add_argument("--no-kill-fence", action="store_true",
                    help="model a deployment without nodeos.kill_command")
+    p.add_argument("--legacy", action="store_true",
+                   help="a pre-Savanna chain (no votes, no finalizer keys)")
     p.add_argument("--replay", type=int, metavar="SEED", help="replay one seed exactly")
     p.add_argument("--trace", action="store_true", help="print the whole trace (replay)")
     p.add_argument("--wall-limit", type=float, default=0.0,
@@ -130,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     totals = Totals()
     if args.replay is not None:
-        scenario = Scenario.explore(args.replay, duration, agent=args.agent,
-                                    keep_trace=None if args.trace else 400,
-                                    kill_fence=not args.no_kill_fence)
-        result = simulate(scenario)
+        job = Job(args.replay, duration, args.agent, None if args.trace else 400,
+                  not args.no_kill_fence, not args.legacy)
+        result = run_job(job)
         out.write(f"scenario: {result.scenario}\n")
         print_result(result, out, args.trace)
         totals.add(result)
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         deadline = started + args.wall_limit if args.wall_limit else math.inf
         for result in explore(seeds, duration, args.agent, args.jobs, deadline=deadline,
-                              kill_fence=not args.no_kill_fence):
+                              kill_fence=not args.no_kill_fence, savanna=not args.legacy):
             totals.add(result)
             print_result(result, out, False)
             out.flush()

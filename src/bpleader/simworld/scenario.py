@@ -11,9 +11,23 @@ import random
 from dataclasses import dataclass, field, replace
 
 from bpleader.agent import AgentSettings
-from bpleader.simworld.chain import Schedule
+from bpleader.sim.chain import Schedule
+from bpleader.sim.finality import DEFAULT_VOTE_TIMEOUT
 
 PRODUCER = "mybp"
+PERMISSION = "finkey"  # linked to eosio::actfinkey; the agents sign with its key
+SLOT = 0.5
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Rounds of ``ours`` slots for our producer, then ``others`` for the rest."""
+
+    ours: int = 2
+    others: int = 1
+
+    def schedule(self) -> Schedule:
+        return Schedule(((PRODUCER, self.ours), ("other", self.others)))
 
 
 @dataclass(frozen=True)
@@ -29,19 +43,21 @@ class Timing:
     max_head_lag: float = 3.0
     continuity_timeout: float = 5.0
     doppelganger_quiet: float = 60.0
+    max_lib_lag: int = 10
+    max_lib_age: float = 4.5
 
     @property
     def etcd_timeout(self) -> float:
         """As :func:`bpleader.service.etcd_timeout`."""
         return max(0.2, min(1.0, self.keepalive_interval))
 
-    def settings(self, node: str) -> AgentSettings:
+    def settings(self, node: str, finality: str = "auto") -> AgentSettings:
         return AgentSettings(
             node=node, producer=PRODUCER, lease_ttl=self.lease_ttl,
             keepalive_interval=self.keepalive_interval, fence_guard=self.fence_guard,
             takeover_delay=self.takeover_delay, check_interval=self.check_interval,
             nodeos_timeout=self.nodeos_timeout, continuity_timeout=self.continuity_timeout,
-            doppelganger_quiet=self.doppelganger_quiet)
+            doppelganger_quiet=self.doppelganger_quiet, finality=finality)
 
     @classmethod
     def random(cls, rng: random.Random) -> Timing:
@@ -112,7 +128,13 @@ class Scenario:
     duration: float = 600.0
     nodes: int = 3
     timing: Timing = DEFAULT_TIMING
-    schedule: Schedule = field(default_factory=Schedule)
+    schedule: Rounds = field(default_factory=Rounds)
+    # Savanna (Spring): votes, finality, the implicit pause; False: a legacy chain.
+    savanna: bool = True
+    finalizer: bool = True  # agents have a [finalizer] section (each node its own key)
+    shared_key: bool = False  # a broken deployment: one BLS key on every node
+    finality: str = "auto"  # the agents' nodeos.finality
+    vote_timeout: float = DEFAULT_VOTE_TIMEOUT  # production-pause-vote-timeout-ms / 1000
     pause_on_startup: bool = True
     # nodeos.kill_command configured (recommended): the guard stops a nodeos that will
     # not confirm a pause. False models a deployment without it.
@@ -130,14 +152,20 @@ class Scenario:
         """The scenario of ``seed``: cluster size, timing profile and schedule vary."""
         rng = random.Random(f"{seed}/scenario")
         timing = rng.choice((DEFAULT_TIMING, FAST_TIMING, Timing.random(rng)))
-        schedule = rng.choice((Schedule(2, 1), Schedule(1, 1), Schedule(3, 1)))
+        schedule = rng.choice((Rounds(2, 1), Rounds(1, 1), Rounds(3, 1)))
         base = cls(seed=seed, duration=duration, nodes=rng.choice((2, 3, 3)), timing=timing,
                    schedule=schedule)
         return replace(base, **overrides)  # type: ignore[arg-type]
+
+    def chain_schedule(self) -> Schedule:
+        return self.schedule.schedule()
 
     def describe(self) -> str:
         faults = "none" if self.faults is None else f"gap={self.faults.mean_gap:g}s"
         return (f"seed={self.seed} agent={self.agent} nodes={self.nodes} "
                 f"duration={self.duration:g}s {self.timing.short()} schedule="
                 f"{self.schedule.ours}/{self.schedule.others} faults={faults}"
-                f"{'' if self.kill_fence else ' kill_fence=off'}")
+                f"{'' if self.kill_fence else ' kill_fence=off'}"
+                f"{' savanna' if self.savanna else ' legacy'}"
+                f"{' shared_key' if self.shared_key else ''}"
+                f"{'' if self.finalizer or not self.savanna else ' no_finalizer'}")

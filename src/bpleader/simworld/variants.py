@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
+from bpleader.finalizer import KeySwitcher
 from bpleader.nodeos import ChainInfo, SyncEvaluator
+from bpleader.simworld.scenario import DEFAULT_WEIGHTS, Faults
 from bpleader.simworld.world import AgentFactory
 from bpleader.store import Candidate, Store
 
@@ -29,8 +31,9 @@ class NoFenceAgent(Agent):
     """No self-fencing: no fence thread or guard, and no lease check in the loop."""
 
     def __init__(self, settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
-                 fencer: Fencer, sync: SyncEvaluator) -> None:
-        super().__init__(settings, clock, store, nodeos, _NoFencer(), sync)
+                 fencer: Fencer, sync: SyncEvaluator,
+                 switcher: KeySwitcher | None = None) -> None:
+        super().__init__(settings, clock, store, nodeos, _NoFencer(), sync, switcher)
 
     async def _step(self, o: Observation) -> tuple[Role, str]:
         if o.snap is not None and o.snap.maintenance is not None and \
@@ -95,6 +98,32 @@ class NoDoppelgangerNoMarkAgent(NoUnfencedMarkAgent, NoDoppelgangerAgent):
     other in the simulation; only without both does that case go unseen."""
 
 
+class NoTakeoverDelayNoSlotWaitAgent(NoTakeoverDelayAgent):
+    """Layer 5 gone together with the old leader's wait for its in-flight block before it
+    hands over (layer 10): the two guard the same block, and either alone covers it."""
+
+    async def _wait_slot_end(self) -> float:
+        return self.clock.wall()
+
+
+class NoKeySwitchAgent(Agent):
+    """Savanna without moving the finalizer key: a failover tool that knows only the
+    block-signing key. Its new leaders stop at nodeos's implicit pause."""
+
+    def __init__(self, settings: AgentSettings, clock: Clock, store: Store, nodeos: Nodeos,
+                 fencer: Fencer, sync: SyncEvaluator,
+                 switcher: KeySwitcher | None = None) -> None:
+        super().__init__(settings, clock, store, nodeos, fencer, sync, None)
+
+
+class SharedKeyAgent(Agent):
+    """The naive fix: every node has the same BLS key (see SCENARIOS), and nothing
+    refuses a key another node's record carries."""
+
+    async def _check_finalizer_setup(self, o: Observation) -> tuple[Role, str]:
+        return Role.FOLLOWER, "started, nodeos paused"
+
+
 class NoContinuityAgent(Agent):
     """Layer 10 gone: resume on whatever head we have."""
 
@@ -113,4 +142,16 @@ AGENTS: dict[str, AgentFactory] = {
     "no-unfenced-mark": NoUnfencedMarkAgent,
     "no-doppelganger-no-mark": NoDoppelgangerNoMarkAgent,
     "no-continuity": NoContinuityAgent,
+    "no-takeover-delay-no-slot-wait": NoTakeoverDelayNoSlotWaitAgent,
+    "no-key-switch": NoKeySwitchAgent,
+    "shared-bls-key": SharedKeyAgent,
+}
+# What a weakened agent needs of its deployment (Scenario fields). The hung API with
+# production going on, the one case the doppelganger check and the unfenced mark guard
+# together, is made four times as frequent so that the tests see it in their seed budget.
+SCENARIOS: dict[str, dict[str, object]] = {
+    "shared-bls-key": {"shared_key": True},
+    "no-doppelganger-no-mark": {"faults": Faults(weights=tuple(
+        (kind, 4.0 if kind == "nodeos_api_hang" else weight)
+        for kind, weight in DEFAULT_WEIGHTS))},
 }

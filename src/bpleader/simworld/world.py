@@ -18,37 +18,39 @@ from functools import partial
 from typing import Any
 
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Role
+from bpleader.antelope import new_private_key, public_key_of
 from bpleader.clock import Clock
-from bpleader.nodeos import SyncEvaluator
-from bpleader.simworld.chain import (
-    CUTOFF,
-    EXTERNAL,
-    SLOT,
-    Block,
-    DoubleProduction,
-    Ledger,
-    Peer,
-    Schedule,
-)
+from bpleader.finalizer import KeySwitcher, TransactionSwitcher
+from bpleader.nodeos import FinalityRule, SyncEvaluator
+from bpleader.sim.finality import simulated_bls_key
+from bpleader.sim.ledger import Violation as LedgerViolation
+from bpleader.sim.model import ChainConfig, ChainModel, ChainNode
+from bpleader.sim.nodeos_api import Identity, NodeosApi
+from bpleader.sim.system import SystemContract
 from bpleader.simworld.clocks import EPOCH, HostClock, ProcClock
 from bpleader.simworld.etcd import CallHooks, Link, Network, SimEtcd, StoreClient
 from bpleader.simworld.fencer import SimGuard
 from bpleader.simworld.loop import SimLoop
-from bpleader.simworld.nodeos import CHAIN_ID, NodeosClient, SimNodeos
+from bpleader.simworld.nodeos import CHAIN_ID, VERSION, NodeosClient, SimNodeos
 from bpleader.simworld.process import Process
-from bpleader.simworld.scenario import PRODUCER, Scenario
+from bpleader.simworld.scenario import PERMISSION, PRODUCER, SLOT, Scenario
 from bpleader.simworld.trace import Trace
 from bpleader.store import Keys, Store
 
 NODE_NAMES = ("bp-a", "bp-b", "bp-c", "bp-d", "bp-e")
 NODEOS_RESTART = 5.0  # seconds systemd takes to start a killed nodeos again
 
-AgentFactory = Callable[[AgentSettings, Clock, Store, Nodeos, Fencer, SyncEvaluator], Agent]
+AgentFactory = Callable[[AgentSettings, Clock, Store, Nodeos, Fencer, SyncEvaluator,
+                         KeySwitcher | None], Agent]
+# A block is finished and broadcast this long before its slot ends (nodeos's produce-time
+# offset), so the next producer normally has it when its own slot starts.
+CUTOFF = 0.1
 
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str  # double-production, lock, liveness, agent-error, sim-error
+    kind: str  # double-production, equivocation, shared-key, lock, liveness, agent-error,
+    # sim-error
     time: float
     text: str
     trace: str
@@ -80,13 +82,14 @@ class Node:
         self.world = world
         self.name = name
         self.host = HostClock(world.loop, rate, 1000.0 + 97.0 * len(world.nodes), skew)
-        self.nodeos = SimNodeos(name, PRODUCER, world.genesis, world.loop,
-                                world.rng("nodeos-" + name), world.trace, paused)
+        self.nodeos = SimNodeos(name, world.model, world.api, world.loop,
+                                world.rng("nodeos-" + name), world.trace)
         self.process: Process | None = None
         self.agent: Agent | None = None
         self.guard: SimGuard | None = None
         self.incarnation = 0
         self.api_fault_until = 0.0  # the API misbehaved until then (for the lock check)
+        self.revoked_at = -1e9  # an operator revoked its lease by hand then
         self._stop: asyncio.Event | None = None
         self._stop_pending = False
 
@@ -107,11 +110,17 @@ class Node:
         t = w.scenario.timing
         guard = SimGuard(w.loop, self.host, self.nodeos, t.nodeos_timeout, t.check_interval,
                          w.trace, self.kill_nodeos if w.scenario.kill_fence else None)
+        client = NodeosClient(self.nodeos, t.nodeos_timeout, proc, "agent", w.hooks)
+        switcher = None
+        if w.scenario.savanna and w.scenario.finalizer:
+            key = next(iter(w.model.node(self.name).keys))
+            switcher = TransactionSwitcher(client, key, PRODUCER, PERMISSION, w.k1_key)
         agent = w.factory(
-            t.settings(self.name), ProcClock(self.host, proc),
+            t.settings(self.name, w.scenario.finality), ProcClock(self.host, proc),
             StoreClient(w.network, self.name, proc, t.etcd_timeout, w.hooks),
-            NodeosClient(self.nodeos, t.nodeos_timeout, proc, "agent", w.hooks), guard,
-            SyncEvaluator(t.max_head_lag, CHAIN_ID))
+            client, guard,
+            SyncEvaluator(t.max_head_lag, CHAIN_ID,
+                          FinalityRule(t.max_lib_lag, t.max_lib_age)), switcher)
         self.process, self.agent, self.guard = proc, agent, guard
         self._stop, self._stop_pending = asyncio.Event(), False
         w.trace.add(self.name, f"agent #{self.incarnation} started")
@@ -141,8 +150,7 @@ class Node:
 
         def restart() -> None:
             if not n.up:
-                n.start(True)
-                self.world.rejoin(n, 1.0)
+                n.start(True, 1.0)
         self.world.loop.call_at(self.world.loop.time() + NODEOS_RESTART, restart)
 
     def crash_agent(self, why: str = "crash") -> None:
@@ -187,7 +195,7 @@ class Node:
     def in_sync(self, now: float) -> bool:
         n = self.nodeos
         return n.up and not n.hung and \
-            EPOCH + now - n.sync_head().time <= self.world.scenario.timing.max_head_lag
+            EPOCH + now - n.head_time() <= self.world.scenario.timing.max_head_lag
 
     def producing(self, now: float) -> bool:
         """Leader with an unpaused, in-sync nodeos: what liveness asks for."""
@@ -206,27 +214,36 @@ class World:
         self.etcd = SimEtcd(self.loop, self.keys, self.rng("etcd"), self.trace)
         self.network = Network(self.loop, self.etcd, self.rng("net"),
                                scenario.faults is not None and scenario.faults.late_requests)
-        self.ledger = Ledger(self._double)
-        self.schedule: Schedule = scenario.schedule
-        self.genesis = Block(1, -1, "eosio", EXTERNAL)
-        self.external = Peer(EXTERNAL, self.genesis)
-        self._ext_pending: tuple[int, Block] | None = None
         self._p2p = self.rng("p2p")
         self.hooks = CallHooks()
         self.violations: list[Violation] = []
+        self._stop_at: asyncio.TimerHandle | None = None
         self.excused = 0
         self.nodes: dict[str, Node] = {}
         setup = self.rng("setup")
-        for i in range(scenario.nodes):
-            name = NODE_NAMES[i]
-            rate = 1.0 + setup.uniform(-scenario.max_drift, scenario.max_drift)
-            skew = setup.uniform(-scenario.max_wall_skew, scenario.max_wall_skew)
-            # A cluster taken over from the old scripts may have one node producing.
-            paused = not (i == 0 and setup.random() < 0.5)
-            self.nodes[name] = Node(self, name, rate, skew, paused)
+        names = NODE_NAMES[:scenario.nodes]
+        clocks = [(1.0 + setup.uniform(-scenario.max_drift, scenario.max_drift),
+                   setup.uniform(-scenario.max_wall_skew, scenario.max_wall_skew))
+                  for _ in names]
+        # A cluster taken over from the old scripts may have one node producing.
+        paused = {n: not (i == 0 and setup.random() < 0.5) for i, n in enumerate(names)}
+        shared = simulated_bls_key(f"{PRODUCER}-shared")
+        keys = {n: shared if scenario.shared_key else simulated_bls_key(f"{scenario.seed}/{n}")
+                for n in names}
+        config = ChainConfig(PRODUCER, names, scenario.chain_schedule(), round(SLOT * 1000),
+                             epoch_ms=round(EPOCH * 1000), savanna=scenario.savanna,
+                             bls_keys=keys, vote_timeout=scenario.vote_timeout,
+                             pause_on_startup=paused, keep=2000)
+        self.k1_key = new_private_key(f"{scenario.seed}/finkey".encode())
+        contract = SystemContract.for_chain(config, PERMISSION, public_key_of(self.k1_key)) \
+            if scenario.savanna else None
+        self.model = ChainModel(config, self._delay, contract, self._ledger_violation)
+        self.ledger = self.model.ledger
+        self.api = NodeosApi(self.model, contract, Identity(CHAIN_ID, VERSION))
+        for name, (rate, skew) in zip(names, clocks, strict=True):
+            self.nodes[name] = Node(self, name, rate, skew, paused[name])
             self.network.links[name] = Link()
         self._node_list = list(self.nodes.values())
-        self._stop_at: asyncio.TimerHandle | None = None
         self._ended = False
         self._started = False
 
@@ -268,7 +285,9 @@ class World:
 
     def result(self) -> Result:
         now = self.loop.time()
-        stats = {"blocks": self.ledger.blocks, "double_productions": self.ledger.doubles,
+        stats = {"blocks": self.ledger.our_blocks,
+                 "double_productions": self.ledger.double_production_events,
+                 "equivocations": self.ledger.equivocations, "votes": self.ledger.votes,
                  "excused_lock": self.excused, "trace_lines": self.trace.count}
         for node in self._node_list:
             if node.agent is not None:
@@ -293,95 +312,43 @@ class World:
 
     # ------------------------------------------------------------------- chain
 
+    def now(self) -> float:
+        """The chain's wall clock: true time."""
+        return EPOCH + self.loop.time()
+
+    def _delay(self, sender: ChainNode, receiver: ChainNode) -> float:
+        """p2p propagation between two nodes, slower around a node with slow links."""
+        extra = max(sender.p2p_extra, receiver.p2p_extra)
+        return self._p2p.uniform(0.005, 0.05) + (self._p2p.uniform(0, extra) if extra
+                                                  else 0.0)
+
     def _slot(self, k: int) -> None:
         """Slot start: whoever may produce now starts a block on its head."""
-        if self.schedule.is_ours(k):
-            for node in self._node_list:
-                n = node.nodeos
-                if n.producing():
-                    n.pending = (k, n.sync_head())
-        else:
-            self.external.take_arrivals(self.loop.time())
-            self._ext_pending = (k, self.external.head)
-        self.loop.call_at((k + 1) * SLOT - CUTOFF, self._finish)
+        self.model.begin_slot(k, self.now())
+        self.loop.call_at((k + 1) * SLOT - CUTOFF, self._finish, k)
         self.loop.call_at((k + 1) * SLOT, self._slot, k + 1)
 
-    def _finish(self) -> None:
+    def _finish(self, k: int) -> None:
         """Blocks started at the slot start are signed and sent, paused since or not."""
-        for node in self._node_list:
-            n = node.nodeos
-            if n.pending is not None:
-                slot, parent = n.pending
-                n.pending = None
-                if n.up and not n.hung:
-                    self._sign(n, Block(parent.num + 1, slot, PRODUCER, n.name), parent)
-        if self._ext_pending is not None:
-            slot, parent = self._ext_pending
-            self._ext_pending = None
-            block = Block(parent.num + 1, slot, "other", EXTERNAL)
-            if block.num > self.external.head.num:
-                self.external.head = block
-            self._broadcast(block, self.external)
-
-    def _sign(self, n: SimNodeos, block: Block, parent: Block) -> None:
-        self.trace.add(n.name, f"signed #{block.num} slot {block.slot}")
-        self.ledger.record(block)
-        n.sync_head()
-        if block.num > n.head.num:
-            n.head = block
-        self._broadcast(block, n)
-
-    def peers(self) -> list[Peer]:
-        return [*(node.nodeos for node in self._node_list), self.external]
-
-    def _broadcast(self, block: Block, sender: Peer) -> None:
-        if not sender.sending:
-            return
-        now = self.loop.time()
-        for peer in self.peers():
-            if peer is sender or not peer.receiving:
-                continue
-            extra = max(sender.p2p_extra, peer.p2p_extra)
-            delay = self._p2p.uniform(0.005, 0.05) + (self._p2p.uniform(0, extra) if extra
-                                                       else 0.0)
-            peer.push(now + delay, block)
-
-    def best_reachable(self, exclude: Peer) -> Block:
-        """The highest head among connected peers (what a syncing node catches up to)."""
-        best = self.genesis
-        now = self.loop.time()
-        for peer in self.peers():
-            if peer is exclude or not peer.sending:
-                continue
-            if isinstance(peer, SimNodeos):
-                if not peer.up or peer.hung:
-                    continue
-                peer.sync_head()
-            else:
-                peer.take_arrivals(now)
-            if peer.head.num > best.num:
-                best = peer.head
-        return best
+        for block in self.model.finish_slot(k, self.now()):
+            self.trace.add(str(block.signer), f"signed #{block.height} slot {block.slot}")
 
     def rejoin(self, n: SimNodeos, catch_up: float) -> None:
         """``n`` is back on the p2p network: it catches up, and the others get its head."""
-        now = self.loop.time()
-        n.receiving = n.sending = True
-        n.push(now + catch_up, self.best_reachable(n))
-        for peer in self.peers():
-            if peer is not n and peer.receiving:
-                peer.push(now + self._p2p.uniform(0.005, 0.05), n.head)
+        self.model.rejoin(n.name, self.now(), catch_up)
 
     # ------------------------------------------------------------------ checks
 
-    def _double(self, dp: DoubleProduction) -> None:
-        self.violation("double-production", dp.describe())
+    def _ledger_violation(self, v: LedgerViolation) -> None:
+        kind = {"slot": "double-production", "height": "double-production",
+                "equivocation": "equivocation", "shared_key": "shared-key"}[v.kind]
+        self.violation(kind, v.describe())
 
     def violation(self, kind: str, text: str) -> None:
         now = self.loop.time()
         self.trace.add("CHECK", f"VIOLATION {kind}: {text}")
         self.violations.append(Violation(kind, now, text, self.trace.text()))
-        if kind not in ("liveness", "lock") and self._stop_at is None:
+        if kind not in ("liveness", "lock", "shared-key") and self._stop_at is None:
             # Let the aftermath play out a little, then end the run (a lock violation
             # goes on: whether it ends in a double production is the next question).
             self._stop_at = self.loop.call_at(now + self.scenario.stop_after_violation,
@@ -411,6 +378,10 @@ class World:
             if node.api_faulty(now):
                 self.excused += 1  # the agent asked; a hung nodeos did not listen
                 continue
+            if n.resumed_at < node.revoked_at and \
+                    now < node.revoked_at + 2 * t.check_interval + 3 * t.nodeos_timeout + 0.5:
+                self.excused += 1  # its lease went behind its back: it learns next tick
+                continue
             holder = f"{leader[0]} until {leader[1]:.3f}" if leader else "nobody"
             self.violation("lock", f"{node.name} is unpaused by its agent but the lock is "
                            f"held by {holder} (fence guard {t.fence_guard})")
@@ -421,8 +392,25 @@ class World:
         return [node.name for node in self._node_list if node.producing(now)]
 
     def check_liveness(self, since: float) -> None:
-        """Called by the scheduler once faults have been healed for the liveness bound."""
-        if self.producers():
+        """Called by the scheduler once faults have been healed for the liveness bound.
+
+        On Savanna with per-node keys, the producing node's own key must be the active one
+        by then too: otherwise its production stops at the next implicit pause.
+        """
+        producers = self.producers()
+        if producers and self.scenario.savanna and self.scenario.finalizer \
+                and not self.scenario.shared_key:
+            state = self.model.canonical.head.policies
+            active = state.active.key_of(PRODUCER) if state else None
+            keys = self.model.node(producers[0]).keys
+            if active not in keys:
+                owner = next((n for n, k in self.model.finalizer_keys() if active in k), None)
+                self.violation("liveness", f"{producers[0]} produces but the active finalizer"
+                               f" key is {owner or 'no node'}'s "
+                               f"{self.loop.time() - since:.1f} s after the last fault "
+                               "healed: it will stop at the next implicit pause")
+            return
+        if producers:
             return
         if self.etcd.kvs.get(self.keys.maintenance) is not None:
             return
