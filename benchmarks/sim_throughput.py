@@ -31,6 +31,9 @@ import httpx
 from bpleader.sim import SimCluster
 from bpleader.sim.chain import Schedule
 from bpleader.sim.engine import Engine
+from bpleader.sim.model import ChainConfig
+from bpleader.sim.nodeos_api import Identity
+from bpleader.sim.system import SystemContract
 
 INTERVALS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
@@ -58,11 +61,16 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else max(values or [0])
 
 
-def engine_throughput(nodes: int, slots: int) -> float:
-    """Slots per second of the chain logic alone: every node signs (worst case)."""
+def engine_throughput(nodes: int, slots: int, savanna: bool = True) -> float:
+    """Slots per second of the chain logic alone: every node signs (worst case), and on
+    Savanna the active finalizer and the rest of the network vote on every block."""
     clock_t = [1_800_000_000.0]
-    engine = Engine("mybp", {f"n{i}": False for i in range(nodes)},
-                    Schedule(("mybp", "other"), 12), 500, "ab" * 32, lambda: clock_t[0])
+    names = tuple(f"n{i}" for i in range(nodes))
+    config = ChainConfig("mybp", names, Schedule.round_robin(("mybp", "other"), 12),
+                         interval_ms=500, savanna=savanna,
+                         pause_on_startup={n: False for n in names})
+    contract = SystemContract.for_chain(config) if savanna else None
+    engine = Engine(config, Identity("ab" * 32), contract, lambda: clock_t[0])
     started = time.perf_counter()
     clock_t[0] += slots * 0.5
     engine.tick()
@@ -118,12 +126,16 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--rate", type=float, default=10.0, help="calls per second per node")
     ap.add_argument("--seconds", type=float, default=4.0, help="per block interval")
+    ap.add_argument("--slots", type=int, default=200_000,
+                    help="slots of the chain-logic throughput run")
     args = ap.parse_args()
     # The throughput run double-produces in every slot on purpose: keep its warnings quiet.
     logging.getLogger("bpleader.sim").setLevel(logging.ERROR)
 
-    tps = engine_throughput(args.nodes, 200_000)
-    print(f"chain logic alone: {tps:,.0f} slots/s ({args.nodes} nodes all signing, no I/O)")
+    for savanna in (True, False):
+        tps = engine_throughput(args.nodes, args.slots, savanna)
+        print(f"chain logic alone ({'Savanna' if savanna else 'legacy'}): {tps:,.0f} slots/s "
+              f"({args.nodes} nodes all signing, no I/O)")
     print(f"\nreal time: {args.nodes} nodes, 1 producing, each polled at {args.rate:g} "
           f"calls/s (get_info, paused), {args.seconds:g} s per interval")
     print(f"{'interval':>8} {'slots':>6} {'expect':>6} {'late mean':>9} {'p99':>7} "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bpleader.antelope import new_private_key, public_key_of
 from bpleader.fence import kill_guards
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
 
@@ -40,6 +41,16 @@ FAST_TIMING = {
 # (or a new leader during its takeover delay) could never look in sync.
 CHAIN: dict[str, Any] = {"block_interval": 0.5, "other_producers": ["otherbp"],
                          "slots_per_producer": 4}
+# The legacy (pre-Savanna) chain of the agent tests, and the Savanna one: every node its
+# own BLS key, the producer's finkey permission linked to eosio::actfinkey, and the agents
+# sign actfinkey with its K1 key. A vote timeout shorter than Spring's 6 s default, so a
+# new leader without its own key active would stop within the tests' watch.
+LEGACY_CHAIN: dict[str, Any] = {**CHAIN, "savanna": False}
+FINKEY = new_private_key(b"bpleader tests finkey")
+VOTE_TIMEOUT = 3.0
+SAVANNA_CHAIN: dict[str, Any] = {**CHAIN, "savanna": True, "vote_timeout": VOTE_TIMEOUT,
+                                 "finalizer_permission": "finkey",
+                                 "finalizer_permission_key": public_key_of(FINKEY)}
 RESULTS = Path(os.environ.get("BPLEADER_RESULTS", "/tmp/bpleader-test-results.jsonl"))
 
 
@@ -157,13 +168,27 @@ class World:
             "timing": dict(self.timing),
             "metrics": {"listen": "127.0.0.1:0"},
         }
+        if getattr(self.sim, "savanna", False) and overrides.pop("finalizer", True):
+            key_file = self.root / f"{name}.finkey"
+            key_file.write_text(FINKEY + "\n")
+            key_file.chmod(0o600)
+            sections["finalizer"] = {"key": self.bls_key(name),
+                                     "permission": f"{PRODUCER}@finkey",
+                                     "signing_key_file": str(key_file)}
         for key, value in overrides.items():
             section, fld = key.split("__")
-            sections[section][fld] = value
+            sections.setdefault(section, {})[fld] = value
         cfg = write_config(self.root / f"{name}.toml", sections)
         agent = AgentProc(name, cfg, self.root / f"{name}.log", url)
         self.agents[name] = agent
         return agent
+
+    def bls_key(self, name: str) -> str:
+        """The BLS finalizer key the simulator gave node ``name``."""
+        return str(next(iter(self.sim.engine.model.node(name).keys)))
+
+    def active_finalizer_node(self) -> str | None:
+        return self.ledger().get("active_finalizer_node")  # type: ignore[no-any-return]
 
     def store(self) -> EtcdStore:
         return EtcdStore(EtcdSettings(tuple(self.endpoints), 1.0), Keys(self.prefix, PRODUCER))

@@ -1,5 +1,6 @@
-"""Scenarios of issue 3 on real processes: a 3-member etcd cluster, the nodeos simulator,
-and real `bpleader agent` processes. Every scenario asserts the invariant from the
+"""Scenarios of issue 3 on real processes: a 3-member etcd cluster, the nodeos simulator on
+a legacy (pre-Savanna) chain, and real `bpleader agent` processes
+(tests/test_agent_savanna.py runs the failovers on a Savanna chain, with finalizer keys). Every scenario asserts the invariant from the
 simulator's ledger (no slot or height signed twice by our producer) and that one leader
 produces again; failover times are recorded as figures, not asserted.
 """
@@ -18,7 +19,7 @@ import pytest
 
 from bpleader.localetcd import EtcdCluster
 from bpleader.sim import SimCluster
-from harness import CHAIN, PRODUCER, World, record_result, wait_for
+from harness import LEGACY_CHAIN, PRODUCER, World, record_result, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ NODES = ["bp-a", "bp-b"]
 
 @pytest.fixture
 def world(etcd3: EtcdCluster, tmp_path: Path) -> Iterator[World]:
-    with SimCluster(PRODUCER, NODES, pause_on_startup=True, **CHAIN) as sim:
+    with SimCluster(PRODUCER, NODES, pause_on_startup=True, **LEGACY_CHAIN) as sim:
         w = World(tmp_path, etcd3.endpoints, sim)
         try:
             yield w
@@ -140,7 +141,7 @@ def test_leader_nodeos_api_frozen(world: World) -> None:
 
 def test_leader_nodeos_restarted_unpaused(etcd3: EtcdCluster, tmp_path: Path) -> None:
     with SimCluster(PRODUCER, NODES, pause_on_startup={"bp-a": False, "bp-b": True},
-                    **CHAIN) as sim:
+                    **LEGACY_CHAIN) as sim:
         world = World(tmp_path, etcd3.endpoints, sim)
         try:
             world.add_agent("bp-a").start()

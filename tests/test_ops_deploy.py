@@ -43,7 +43,10 @@ def exported_names() -> set[str]:
     import inspect
 
     names = set()
-    for src in (inspect.getsource(AgentCollector), inspect.getsource(NotifierCollector)):
+    from bpleader import metrics
+
+    for src in (inspect.getsource(AgentCollector), inspect.getsource(NotifierCollector),
+                inspect.getsource(metrics._finalizer_metrics)):
         names |= set(re.findall(r'"(bpleader_[a-z_]+)"', src))
     names |= {"bpleader_notifications_sent", "bpleader_notifications_failed",
               "bpleader_notifications_dropped", "bpleader_notifications_retries"}
@@ -280,3 +283,19 @@ def test_etcd_readme_shows_tls_cluster_and_rbac() -> None:
     for cmd in ("etcdctl role add", "etcdctl role grant-permission", "--prefix=true",
                 "etcdctl user add", "etcdctl user grant-role", "etcdctl auth enable"):
         assert cmd in text, cmd
+
+
+def test_savanna_setup_script_prints_the_permission_link_and_registrations() -> None:
+    script = DEPLOY / "savanna/setup-finalizer-keys.sh"
+    r = run("sh", str(script), "mybp", "PUB_K1_6MRyAjQq8ud7hVNYcfnVPJqcVpscN5So8BhtHuGYqET5BoDq63",
+            "PUB_BLS_a:SIG_BLS_a", "PUB_BLS_b:SIG_BLS_b")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("set account permission mybp finkey" in line for line in lines)
+    assert any("set action permission mybp eosio actfinkey finkey" in line for line in lines)
+    assert sum("regfinkey" in line for line in lines) == 2
+    usage = run("sh", str(script))
+    assert usage.returncode == 2 and "spring-util bls create key" in usage.stderr
+    for name in ("setup-finalizer-keys.sh", "actfinkey.sh"):
+        assert run("sh", "-n", str(DEPLOY / "savanna" / name)).returncode == 0
+

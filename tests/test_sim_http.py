@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from bpleader.antelope import new_private_key, public_key_of
 from bpleader.sim import FaultError, SimCluster
 from harness import wait_for
 
@@ -89,8 +90,10 @@ def test_get_info_has_nodeos_shape_and_a_fresh_utc_head(sim: SimCluster) -> None
     body = info(url)
     assert list(body) == INFO_KEYS
     assert re.fullmatch(r"[0-9a-f]{8}", body["server_version"])
-    assert body["server_version_string"] == "v5.0.3"
-    assert body["server_full_version_string"].startswith("v5.0.3-")
+    # A Savanna chain (the default) runs Spring; legacy mode reports Leap (see
+    # test_sim_savanna.py).
+    assert body["server_version_string"] == "v1.2.2"
+    assert body["server_full_version_string"].startswith("v1.2.2-")
     for key in ("chain_id", "head_block_id", "last_irreversible_block_id",
                 "fork_db_head_block_id"):
         assert HEX64.match(body[key]), key
@@ -159,13 +162,22 @@ def test_pause_at_block(tcp_sim: SimCluster) -> None:
     head = info(url)["head_block_num"]
     body = assert_nodeos_error(call(url, "/v1/producer/pause_at_block",
                                     json.dumps({"block_num": head}).encode()), 500)
+    assert body["error"]["name"] == "invalid_pause_at_block_request"
+    assert body["error"]["code"] == 3170017
     assert "chain head" in body["error"]["details"][0]["message"]
     target = head + 8  # far enough ahead even on a slow machine
     resp = call(url, "/v1/producer/pause_at_block", json.dumps({"block_num": target}).encode())
     assert resp.status_code == 201 and resp.json() == {"result": "ok"}
-    wait_until(lambda: tcp_sim.node("bp-a").paused, what="paused at the block")
+    # Spring stops applying blocks at N (and so producing); /v1/producer/paused does not
+    # report it.
+    wait_until(lambda: info(url)["head_block_num"] == target, what="the head at the block")
     tcp_sim.wait_slots(3)
     assert info(url)["head_block_num"] == target  # signed block N, then nothing more
+    assert call(url, "/v1/producer/paused").text == "false"
+    assert tcp_sim.node("bp-a").status()["pause_at_block"] == target
+    # resume clears it.
+    assert call(url, "/v1/producer/resume").status_code == 201
+    wait_until(lambda: info(url)["head_block_num"] > target, what="production again")
 
 
 def test_desync_freezes_the_head_until_cleared(tcp_sim: SimCluster) -> None:
@@ -184,12 +196,20 @@ def test_desync_freezes_the_head_until_cleared(tcp_sim: SimCluster) -> None:
 
 def test_lag_shows_an_older_head(tcp_sim: SimCluster) -> None:
     a, b = tcp_sim.node("bp-a"), tcp_sim.node("bp-b")
-    tcp_sim.wait_slots(12)
+    tcp_sim.wait_slots(3)
+    # The lag is physical: from now on every block reaches bp-b 0.8 s late. Nothing it
+    # has already received is taken back, so its head first stands still...
     b.set_fault("lag", seconds=0.8)
+    assert abs(info(a.url)["head_block_num"] - info(b.url)["head_block_num"]) <= 1
+    tcp_sim.wait_slots(12)
+    # ...then follows 0.8 s (8 blocks of 0.1 s) behind.
     lagged_head = info(b.url)["head_block_num"]  # first, so slowness only adds to the gap
-    assert info(a.url)["head_block_num"] - lagged_head >= 7  # 0.8 s = 8 blocks of 0.1 s
+    assert info(a.url)["head_block_num"] - lagged_head >= 6
     lagged = datetime.fromisoformat(info(b.url)["head_block_time"] + "+00:00").timestamp()
     assert time.time() - lagged >= 0.7
+    b.clear_faults("lag")  # blocks in flight still arrive late; new ones do not
+    tcp_sim.wait_slots(12)
+    assert info(a.url)["head_block_num"] - info(b.url)["head_block_num"] <= 1
 
 
 def test_freeze_api_holds_calls_without_blocking_others(tcp_sim: SimCluster) -> None:
@@ -326,6 +346,19 @@ def test_cluster_arguments_are_checked() -> None:
                    {"nodes": ["a"], "block_interval": 0.0005},
                    {"nodes": ["a"], "pause_on_startup": {"b": True}},
                    {"nodes": ["a"], "other_producers": ["mybp"]},
-                   {"nodes": ["a"], "chain_id": "xyz"}]:
+                   {"nodes": ["a"], "chain_id": "xyz"},
+                   # Savanna options: keys of known nodes, well-formed; a permission with
+                   # its key, a valid name, on a Savanna chain.
+                   {"nodes": ["a"], "bls_keys": {"b": None}},
+                   {"nodes": ["a"], "bls_keys": {"a": "PUB_BLS_nope"}},
+                   {"nodes": ["a"], "unregistered_keys": ["b"]},
+                   {"nodes": ["a"], "vote_timeout": -1.0},
+                   {"nodes": ["a"], "finalizer_permission": "finkey"},
+                   {"nodes": ["a"], "finalizer_permission": "FinKey",
+                    "finalizer_permission_key": public_key_of(new_private_key(b"k"))},
+                   {"nodes": ["a"], "finalizer_permission": "finkey",
+                    "finalizer_permission_key": "PUB_K1_garbage"},
+                   {"nodes": ["a"], "savanna": False, "finalizer_permission": "finkey",
+                    "finalizer_permission_key": public_key_of(new_private_key(b"k"))}]:
         with pytest.raises(ValueError):
             SimCluster("mybp", **kwargs)  # type: ignore[arg-type]

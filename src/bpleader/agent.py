@@ -236,7 +236,7 @@ class Agent:
         # Savanna: the finalizer key follows the leader (None: no [finalizer] section).
         self.keys = KeyFailover(switcher, nodeos, settings.producer,
                                 settings.finalizer_timeout, settings.nodeos_timeout,
-                                self._emit, self._owner_of) if switcher else None
+                                self._emit, self.owner_of) if switcher else None
         self.refusal = ""  # why the agent refused to run (it then stops)
         self._preflight_done = False
         self._next_probe = float("-inf")
@@ -965,7 +965,8 @@ class Agent:
         return {"finalizer_key": self.keys.key, "finalizer_active": self.keys.active_key,
                 "last_vote": vote.block_num if vote else None}
 
-    def _owner_of(self, key: str) -> str | None:
+    def owner_of(self, key: str) -> str | None:
+        """The node whose record carries ``key`` (ours included), if any."""
         snap = self.last.snap if self.last else None
         if snap is None:
             return None
@@ -978,7 +979,7 @@ class Agent:
             return "our producer's finalizer"
         if self.keys.ours:
             return "our own finalizer key"
-        owner = self._owner_of(self.keys.active_key)
+        owner = self.owner_of(self.keys.active_key)
         return f"the active key ({owner or 'unknown node'})"
 
     def _emit(self, event: str, reason: str, level: int) -> None:

@@ -12,6 +12,7 @@ Both libraries are imported on first use, so an agent that switches keys with
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
+BLS_PREFIX = "PUB_BLS_"
+BLS_KEY_BYTES = 96
 SYSTEM = "eosio"
 ACTFINKEY = "actfinkey"
 # A transaction expires this long after the head it was built on (nodeos allows 1 hour).
@@ -51,6 +54,36 @@ _ABI = {
     "actions": [{"name": ACTFINKEY, "type": ACTFINKEY, "ricardian_contract": ""}],
     "tables": [], "ricardian_clauses": [], "error_messages": [], "abi_extensions": [],
     "variants": [], "action_results": []}
+
+
+def _ripemd160(data: bytes) -> bytes:
+    return hashlib.new("ripemd160", data).digest()
+
+
+def encode_bls_public_key(raw: bytes) -> str:
+    """``PUB_BLS_`` + base64url without padding of the 96 key bytes and 4 check bytes
+    (the first 4 of RIPEMD-160 over the key), as Spring's fc library writes it."""
+    if len(raw) != BLS_KEY_BYTES:
+        raise ValueError(f"a BLS public key has {BLS_KEY_BYTES} bytes, not {len(raw)}")
+    text = base64.urlsafe_b64encode(raw + _ripemd160(raw)[:4]).decode().rstrip("=")
+    return BLS_PREFIX + text
+
+
+def decode_bls_public_key(text: str) -> bytes:
+    """The 96 key bytes of a ``PUB_BLS_`` key; ValueError saying what is wrong."""
+    if not text.startswith(BLS_PREFIX):
+        raise ValueError(f"must start with {BLS_PREFIX}")
+    body = text[len(BLS_PREFIX):].rstrip("=")
+    try:
+        data = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, TypeError):
+        raise ValueError("is not base64url") from None
+    if len(data) != BLS_KEY_BYTES + 4:
+        raise ValueError(f"decodes to {len(data)} bytes, not {BLS_KEY_BYTES} + 4 checksum")
+    raw, check = data[:BLS_KEY_BYTES], data[BLS_KEY_BYTES:]
+    if _ripemd160(raw)[:4] != check:
+        raise ValueError("checksum does not match (a typo or a truncated key)")
+    return raw
 
 
 class TransactionError(ValueError):

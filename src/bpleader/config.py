@@ -67,6 +67,16 @@ class NodeosConfig:
                                           "`systemctl kill -s KILL nodeos`) when nodeos "
                                           "does not confirm a pause after the deadline; "
                                           "recommended")
+    finality: str = _doc("auto", "`savanna`, `legacy` or `auto` (Savanna as soon as "
+                                 "get_finalizer_info shows a finalizer policy): on Savanna "
+                                 "a close, fresh last irreversible block is part of being "
+                                 "in sync")
+    max_lib_lag: float = _doc(10.0, "Savanna: in sync only while head - LIB is at most this "
+                                    "many blocks (about 2 while votes flow)")
+    max_lib_age: float = _doc(4.5, "Savanna: in sync only while the LIB's timestamp trails "
+                                   "the head's by at most this many seconds (about 1 while "
+                                   "votes flow); a leader cut from the p2p network steps "
+                                   "down within it")
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,30 @@ class TimingConfig:
 
 
 @dataclass(frozen=True)
+class FinalizerConfig:
+    key: str | None = _doc(None, "this node's BLS finalizer public key (`PUB_BLS_...`, "
+                                 "registered with regfinkey); setting it moves the "
+                                 "producer's active finalizer key to the leader")
+    permission: str | None = _doc(None, "`account@permission` that may call "
+                                        "eosio::actfinkey (linked to it only), e.g. "
+                                        "`mybp@finkey`; with signing_key_file")
+    signing_key_file: str | None = _doc(None, "file holding that permission's K1 private "
+                                              "key; a secret: never logged, refused when "
+                                              "readable by every local user")
+    switch_command: str | None = _doc(None, "instead of permission and signing_key_file: "
+                                            "a command run with `sh -c` that submits the "
+                                            "switch (`BPLEADER_FINALIZER_KEY`, "
+                                            "`BPLEADER_PRODUCER` in its environment); exit "
+                                            "0 means submitted")
+    switch_timeout: float = _doc(30.0, "seconds: a switch the chain does not show active "
+                                       "by then raises an alarm")
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = _doc("127.0.0.1:9750", "`host:port` of /metrics, /health and /leader")
 
@@ -99,7 +133,7 @@ class NotifyConfig:
 
 SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig, "etcd": EtcdConfig, "nodeos": NodeosConfig, "timing": TimingConfig,
-    "metrics": MetricsConfig, "notify": NotifyConfig,
+    "finalizer": FinalizerConfig, "metrics": MetricsConfig, "notify": NotifyConfig,
 }
 
 
@@ -109,6 +143,7 @@ class Config:
     etcd: EtcdConfig
     nodeos: NodeosConfig
     timing: TimingConfig
+    finalizer: FinalizerConfig
     metrics: MetricsConfig
     notify: NotifyConfig
     source: str = ""
@@ -291,6 +326,15 @@ def _validate(c: Config) -> list[str]:
         e.append(f"timing.continuity_timeout = {t.continuity_timeout}: must be > 0")
     if t.doppelganger_quiet < 0:
         e.append(f"timing.doppelganger_quiet = {t.doppelganger_quiet}: must be >= 0")
+    if no.finality not in ("auto", "savanna", "legacy"):
+        e.append(f"nodeos.finality = {no.finality!r}: must be auto, savanna or legacy")
+    if no.max_lib_lag != int(no.max_lib_lag) or no.max_lib_lag < 4:
+        e.append(f"nodeos.max_lib_lag = {no.max_lib_lag}: must be a whole number of blocks "
+                 ">= 4 (the LIB trails the head by 2 to 3 while votes flow)")
+    if no.max_lib_age < 2.0:
+        e.append(f"nodeos.max_lib_age = {no.max_lib_age}: must be >= 2 s (the LIB trails "
+                 "the head by about 1 s while votes flow)")
+    e += _validate_finalizer(c)
     host, _, port = c.metrics.listen.rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         e.append(f"metrics.listen = {c.metrics.listen!r}: must be host:port")
@@ -299,6 +343,76 @@ def _validate(c: Config) -> list[str]:
         if value is not None and not _url_ok(value, ("http", "https")):
             e.append(f"notify.{name}: must be an http(s) URL (value not shown: secret)")
     return e
+
+
+def _validate_finalizer(c: Config) -> list[str]:
+    f = c.finalizer
+    e: list[str] = []
+    set_fields = [n for n in ("permission", "signing_key_file", "switch_command")
+                  if getattr(f, n) is not None]
+    if f.key is None:
+        if set_fields:
+            e.append(f"finalizer.key: required with finalizer.{set_fields[0]}")
+        return e
+    from bpleader.antelope import decode_bls_public_key
+
+    try:
+        decode_bls_public_key(f.key)
+    except ValueError as exc:
+        e.append(f"finalizer.key = {f.key[:24]!r}…: not a BLS public key: {exc}")
+    if c.nodeos.finality == "legacy":
+        e.append("finalizer.key: set, but nodeos.finality = 'legacy' (a pre-Savanna chain "
+                 "has no finalizer keys)")
+    if f.switch_timeout <= 0:
+        e.append(f"finalizer.switch_timeout = {f.switch_timeout}: must be > 0")
+    if f.switch_command is not None:
+        if not f.switch_command.strip():
+            e.append("finalizer.switch_command: must not be empty")
+        if f.permission is not None or f.signing_key_file is not None:
+            e.append("finalizer.switch_command: give it, or permission with "
+                     "signing_key_file, not both")
+        return e
+    if f.permission is None or f.signing_key_file is None:
+        e.append("finalizer.permission/finalizer.signing_key_file: give both (or "
+                 "finalizer.switch_command instead)")
+        return e
+    account, _, perm = f.permission.partition("@")
+    if not ACCOUNT.fullmatch(account) or not ACCOUNT.fullmatch(perm):
+        e.append(f"finalizer.permission = {f.permission!r}: must be account@permission, "
+                 "e.g. mybp@finkey")
+    elif account != c.node.producer:
+        e.append(f"finalizer.permission = {f.permission!r}: the account must be the "
+                 f"producer {c.node.producer!r} (actfinkey requires its authority)")
+    e += _signing_key_problems(f.signing_key_file)
+    return e
+
+
+def _signing_key_problems(path: str) -> list[str]:
+    """The key file's problems, never its content."""
+    where = f"finalizer.signing_key_file = {path!r}"
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return [f"{where}: file missing or unreadable"]
+    if mode & stat.S_IROTH:
+        return [f"{where}: readable by every local user (mode {stat.S_IMODE(mode):04o}); "
+                "run chmod 600 (or 640 for the agent's group)"]
+    try:
+        from bpleader.antelope import TransactionError, public_key_of
+        from bpleader.finalizer import read_signing_key
+    except ImportError:  # pragma: no cover - the optional extra is missing
+        return [f"{where}: signing needs pyo3-antelope-rs (pip install 'bpleader[savanna]'),"
+                " or use finalizer.switch_command"]
+    try:
+        public_key_of(read_signing_key(path))
+    except (OSError, UnicodeDecodeError):
+        return [f"{where}: file missing or unreadable"]
+    except ImportError:
+        return [f"{where}: signing needs pyo3-antelope-rs (pip install 'bpleader[savanna]'),"
+                " or use finalizer.switch_command"]
+    except TransactionError:
+        return [f"{where}: does not hold a K1 private key (PVT_K1_... or 5...)"]
+    return []
 
 
 def _readable(path: str) -> bool:

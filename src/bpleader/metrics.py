@@ -85,6 +85,47 @@ class AgentCollector(Collector):
         for reason, count in sorted(stats.fences.items()):
             fences.add_metric([reason], count)
         yield fences
+        yield GaugeMetricFamily("bpleader_finality_savanna", "1 once the chain runs Savanna "
+                                "(the LIB is part of being in sync).", value=int(a.sync.savanna))
+        yield from _finalizer_metrics(a)
+
+
+def _finalizer_metrics(a: Agent) -> Iterator[Metric]:
+    """The [finalizer] key failover: which key is active, and how switches go."""
+    keys = a.keys
+    if keys is None:
+        return
+    now = a.clock.now()
+    yield GaugeMetricFamily("bpleader_finalizer_key_active", "1 while this node's BLS "
+                            "finalizer key is the producer's active one on-chain.",
+                            value=int(keys.ours))
+    active = GaugeMetricFamily("bpleader_finalizer_active_info", "The producer's active "
+                               "finalizer key as this node last saw it, and its node.",
+                               labels=["key", "node"])
+    if keys.active_key is not None:
+        active.add_metric([keys.active_key, a.owner_of(keys.active_key) or "unknown"], 1)
+    yield active
+    yield GaugeMetricFamily("bpleader_finalizer_switch_seconds", "Seconds the switch of the "
+                            "active key to this node has been going on (0: none).",
+                            value=keys.switching_for(now))
+    yield GaugeMetricFamily("bpleader_finalizer_last_switch_duration_seconds", "How long "
+                            "the last confirmed switch took, from its start to the key "
+                            "active on-chain.", value=keys.stats.last_switch_seconds)
+    info = keys.info
+    vote = info.last_vote(keys.active_key) if info and keys.active_key else None
+    yield GaugeMetricFamily("bpleader_finalizer_last_vote_block", "Block of the active "
+                            "key's last vote seen in a QC (nan: none seen).",
+                            value=vote.block_num if vote else float("nan"))
+    for name, text, value in (
+            ("bpleader_finalizer_switches", "Switches confirmed on-chain.",
+             keys.stats.switches),
+            ("bpleader_finalizer_submissions", "actfinkey submissions.",
+             keys.stats.submissions),
+            ("bpleader_finalizer_switch_failures", "Submissions the chain or the command "
+             "refused.", keys.stats.failures),
+            ("bpleader_finalizer_switch_timeouts", "Switches not confirmed within "
+             "finalizer.switch_timeout.", keys.stats.alarms)):
+        yield CounterMetricFamily(name, text, value=value)
 
 
 def health(agent: Agent, stale_after: float) -> tuple[bool, dict[str, Any]]:

@@ -392,7 +392,11 @@ class Notifier:
 NOTABLE_ROLES = frozenset({"leader", "fenced", "maintenance", "stopped"})
 # Agent log events (other than transitions) that are notified, with their severity.
 AGENT_EVENTS = {"fence": "warning", "pause_unconfirmed": "error",
-                "continuity_timeout": "error", "abandon_lease": "error"}
+                "continuity_timeout": "error", "abandon_lease": "error",
+                "finalizer_switch_failed": "error", "finalizer_setup": "error"}
+# Savanna alarms: they page, and resolve once our own finalizer key is active.
+FINALIZER_ALARMS = {"finalizer_switch_timeout": "critical", "implicit_pause": "error",
+                    "duplicate_finalizer_key": "critical"}
 
 
 @dataclass
@@ -416,6 +420,7 @@ class AgentEvents:
         self.alarm_after = alarm_after
         self._alarms: dict[str, _Alarm] = {"etcd_unreachable": _Alarm(),
                                            "no_in_sync_node": _Alarm()}
+        self._finalizer_alarms: set[str] = set()  # raised, not resolved yet
 
     def __call__(self, ev: AgentEvent) -> None:
         role = ev.role.value
@@ -424,6 +429,16 @@ class AgentEvents:
         elif ev.event == "doppelganger":
             self.notifier.event("doppelganger", self.node, role, ev.reason, "critical",
                                 action="trigger", dedup_key=self._key("doppelganger"))
+        elif ev.event in FINALIZER_ALARMS:
+            self._finalizer_alarms.add(ev.event)
+            self.notifier.event(ev.event, self.node, role, ev.reason,
+                                FINALIZER_ALARMS[ev.event], action="trigger",
+                                dedup_key=self._key(ev.event))
+        elif ev.event == "finalizer_active":
+            for kind in sorted(self._finalizer_alarms - {"duplicate_finalizer_key"}):
+                self.notifier.event(kind, self.node, role, f"cleared: {ev.reason}", "info",
+                                    action="resolve", dedup_key=self._key(kind))
+            self._finalizer_alarms &= {"duplicate_finalizer_key"}
         elif ev.event in AGENT_EVENTS:
             self.notifier.event(ev.event, self.node, role, ev.reason, AGENT_EVENTS[ev.event])
 
@@ -466,8 +481,8 @@ class AgentEvents:
 
     def _key(self, kind: str) -> str:
         # Cluster-wide conditions share one incident per producer across all agents;
-        # etcd reachability is per node.
-        if kind == "etcd_unreachable":
+        # etcd reachability and a node's own finalizer trouble are per node.
+        if kind in ("etcd_unreachable", *FINALIZER_ALARMS):
             return f"bpleader/{self.producer}/{self.node}/{kind}"
         return f"bpleader/{self.producer}/{kind}"
 

@@ -34,6 +34,7 @@ async def status_data(store: EtcdStore) -> dict[str, Any]:
             "head_block_num": rec.head_block_num, "lag": rec.lag, "paused": rec.paused,
             "version": rec.version, "updated": rec.updated,
             "lease_left": await _lease_left(store, rec.lease_id) if rec.lease_id else None,
+            "finalizer_key": rec.finalizer_key, "lib_lag": rec.lib_lag,
         })
     return {
         "producer": store.keys.producer,
@@ -44,8 +45,24 @@ async def status_data(store: EtcdStore) -> dict[str, Any]:
         "switchover": snap.switchover,
         "maintenance": snap.maintenance,
         "unfenced": dict(snap.unfenced),
+        "finalizer": _finalizer_status(snap),
         "revision": snap.revision,
     }
+
+
+def _finalizer_status(snap: Snapshot) -> dict[str, Any] | None:
+    """The producer's active finalizer key as the agents see it on-chain (the leader's
+    view first), the node whose key it is, and its last vote seen; None without keys."""
+    records = [r for r in snap.records.values() if r.valid and r.finalizer_key]
+    if not records:
+        return None
+    leader = snap.leader.node if snap.leader else None
+    seen = sorted(records, key=lambda r: (r.node != leader, -r.updated))
+    view = next((r for r in seen if r.finalizer_active), seen[0])
+    owner = next((r.node for r in records if r.finalizer_key == view.finalizer_active), None)
+    return {"active_key": view.finalizer_active, "node": owner, "last_vote": view.last_vote,
+            "seen_by": view.node,
+            "keys": {r.node: r.finalizer_key for r in sorted(records, key=lambda r: r.node)}}
 
 
 def _print_status(data: dict[str, Any], out: TextIO) -> None:
@@ -58,6 +75,14 @@ def _print_status(data: dict[str, Any], out: TextIO) -> None:
     for node, why in sorted(data["unfenced"].items()):
         # No node resumes while this is shown; see README "Troubleshooting".
         out.write(f"UNFENCED:    {node} may still be producing: {why}\n")
+    fin = data.get("finalizer")
+    if fin is not None:
+        key = fin["active_key"] or "unknown"
+        short = key[:20] + "…" if len(key) > 20 else key
+        vote = f", last vote seen in block #{fin['last_vote']}" if fin["last_vote"] else ""
+        warn = "" if fin["node"] == data["leader"] else "  <- not the leader's key"
+        out.write(f"finalizer:   active key {short} ({fin['node'] or 'no agent of ours'})"
+                  f"{vote}{warn}\n")
     out.write("candidates:  " + (", ".join(
         f"{c['node']} (rev {c['create_revision']})" for c in data["candidates"]) or "none") + "\n")
     out.write(f"\n{'NODE':<16} {'ROLE':<12} {'IN SYNC':<8} {'HEAD':>10} {'LAG':>7} "

@@ -17,8 +17,9 @@ from bpleader.agent import Agent, AgentSettings
 from bpleader.clock import SystemClock, boottime
 from bpleader.config import Config
 from bpleader.fence import Fences, GuardProcess, ThreadFence, pause_confirmed
+from bpleader.finalizer import CommandSwitcher, KeySwitcher, TransactionSwitcher, read_signing_key
 from bpleader.metrics import Metrics
-from bpleader.nodeos import NodeosClient, SyncEvaluator
+from bpleader.nodeos import FinalityRule, NodeosClient, SyncEvaluator
 from bpleader.notify import AgentEvents, Notifier, NotifierCollector
 from bpleader.store import EtcdSettings, EtcdStore, Keys
 
@@ -72,7 +73,27 @@ def agent_settings(cfg: Config) -> AgentSettings:
         keepalive_interval=t.keepalive_interval, fence_guard=t.fence_guard,
         takeover_delay=t.takeover_delay, check_interval=t.check_interval,
         nodeos_timeout=cfg.nodeos.timeout, continuity_timeout=t.continuity_timeout,
-        doppelganger_quiet=t.doppelganger_quiet)
+        doppelganger_quiet=t.doppelganger_quiet, finality=cfg.nodeos.finality,
+        finalizer_timeout=cfg.finalizer.switch_timeout)
+
+
+def sync_evaluator(cfg: Config) -> SyncEvaluator:
+    no = cfg.nodeos
+    return SyncEvaluator(no.max_head_lag, no.chain_id,
+                         FinalityRule(int(no.max_lib_lag), no.max_lib_age))
+
+
+def key_switcher(cfg: Config, nodeos: NodeosClient) -> KeySwitcher | None:
+    """How this node moves the producer's finalizer key to itself (None: it does not)."""
+    f = cfg.finalizer
+    if f.key is None:
+        return None
+    if f.switch_command is not None:
+        return CommandSwitcher(f.switch_command, f.key, cfg.node.producer)
+    assert f.permission is not None and f.signing_key_file is not None  # validated
+    account, _, permission = f.permission.partition("@")
+    return TransactionSwitcher(nodeos, f.key, account, permission,
+                               read_signing_key(f.signing_key_file))
 
 
 def on_tick(agent: Agent, events: AgentEvents) -> None:
@@ -105,7 +126,7 @@ async def run_agent(cfg: Config) -> int:
 
     async with NodeosClient(url, timeout, on_request=observe) as nodeos:
         agent = Agent(settings, SystemClock(), store, nodeos, Fences(thread, guard),
-                      SyncEvaluator(cfg.nodeos.max_head_lag, cfg.nodeos.chain_id))
+                      sync_evaluator(cfg), key_switcher(cfg, nodeos))
         metrics = Metrics(agent, cfg.metrics.listen)
         notifier = Notifier.from_config(cfg.notify, node, cfg.node.producer)
         events = AgentEvents(notifier, node, cfg.node.producer, alarm_after=cfg.timing.lease_ttl)
@@ -128,4 +149,7 @@ async def run_agent(cfg: Config) -> int:
             store.close()
             notifier.stop(drain=2.0)  # after the pause: nothing here can delay it
     guard.stop()
+    if agent.refusal:
+        log.critical("node=%s role=stopped event=refused reason=%r", node, agent.refusal)
+        return 2
     return 0 if clean else 1

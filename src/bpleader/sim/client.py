@@ -58,6 +58,12 @@ class SimControl:
         result: list[dict[str, Any]] = self._call("GET", "/nodes")["nodes"]
         return result
 
+    def finalizers(self) -> dict[str, Any]:
+        """The active finalizer key, which node holds it, the policy generation and each
+        node's implicit-pause status (see :meth:`bpleader.sim.engine.Engine.finalizers`)."""
+        result: dict[str, Any] = self._call("GET", "/finalizers")
+        return result
+
     def node(self, name: str) -> dict[str, Any]:
         for node in self.nodes():
             if node["name"] == name:

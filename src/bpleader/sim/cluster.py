@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from bpleader.antelope import decode_bls_public_key
 from bpleader.sim.chain import Schedule
 from bpleader.sim.control import ControlServer
 from bpleader.sim.engine import Engine
@@ -35,6 +37,7 @@ SPRING_VERSION = "v1.2.2"  # what a Savanna chain's nodeos reports
 LEAP_VERSION = "v5.0.3"  # and a legacy one's
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PERMISSION_NAME = re.compile(r"^[a-z1-5.]{1,12}$")  # an Antelope name
 # A failed restart (its port taken meanwhile) is tried again this much later.
 RETRY_START = 0.5
 
@@ -144,6 +147,8 @@ class SimCluster:
                  unregistered_keys: Sequence[str] = ()) -> None:
         _check(producer, nodes, other_producers, slots_per_producer, block_interval,
                pause_on_startup, chain_id, base_port)
+        _check_savanna(nodes, savanna, bls_keys or {}, vote_timeout, finalizer_permission,
+                       finalizer_permission_key, unregistered_keys)
         flags = {n: (pause_on_startup if isinstance(pause_on_startup, bool)
                      else pause_on_startup.get(n, False)) for n in nodes}
         config = ChainConfig(
@@ -273,6 +278,15 @@ class SimCluster:
         """Counts of slots, blocks and double productions (JSON-serialisable)."""
         return self.engine.summary()
 
+    def finalizer_keys(self) -> dict[str, str | None]:
+        """Each node's BLS finalizer public key, to configure agents (empty if legacy)."""
+        return self.engine.finalizer_keys()
+
+    def finalizers(self) -> dict[str, Any]:
+        """The active finalizer key, the node holding it, the policy generation and each
+        node's implicit-pause status (JSON-serialisable)."""
+        return self.engine.finalizers()
+
     def slot_records(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         """Who signed what, slot by slot, from slot ``since`` on (oldest first)."""
         return self.engine.slot_records(since, limit)
@@ -281,6 +295,29 @@ class SimCluster:
         """Wait until ``n`` more slots have run (TimeoutError after ``timeout``)."""
         limit = timeout if timeout is not None else n * self.block_interval * 2 + 5
         self.engine.wait_slots(n, limit)
+
+
+def _check_savanna(nodes: Sequence[str], savanna: bool, bls_keys: Mapping[str, str | None],
+                   vote_timeout: float, permission: str | None, permission_key: str | None,
+                   unregistered: Sequence[str]) -> None:
+    """ValueError for finalizer options that are inconsistent or malformed."""
+    unknown = sorted((set(bls_keys) | set(unregistered)) - set(nodes))
+    if unknown:
+        raise ValueError(f"bls_keys and unregistered_keys name unknown nodes: {unknown}")
+    for node, key in bls_keys.items():
+        if key is not None:
+            try:
+                decode_bls_public_key(key)
+            except ValueError as exc:
+                raise ValueError(f"bls_keys[{node!r}] is not a PUB_BLS_ key: {exc}") from None
+    if not math.isfinite(vote_timeout) or vote_timeout < 0:
+        raise ValueError("vote_timeout must be a number of seconds >= 0")
+    if (permission is None) != (permission_key is None):
+        raise ValueError("finalizer_permission and finalizer_permission_key go together")
+    if permission is not None and not savanna:
+        raise ValueError("finalizer_permission needs a Savanna chain (savanna=True)")
+    if permission is not None and not PERMISSION_NAME.match(permission):
+        raise ValueError(f"finalizer_permission {permission!r} is not an Antelope name")
 
 
 def _check(producer: str, nodes: Sequence[str], others: Sequence[str], slots_per_producer: int,

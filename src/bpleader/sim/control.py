@@ -5,6 +5,8 @@ a process reads the ledger and breaks a node. Routes:
 
 * ``GET /ledger``: the summary; ``GET /ledger/slots?since=K&limit=N``: per-slot records
 * ``GET /nodes``: every node (name, url, up, paused, faults, head, call counts)
+* ``GET /finalizers``: our producer's active finalizer key and the node holding it, the
+  policy generation, a key switch in progress, and each node's key and implicit pause
 * ``POST /nodes/{name}/fault`` ``{"kind": ..., **params}``; ``POST /nodes/{name}/clear``
   (optionally ``{"kinds": [...]}``); ``POST /nodes/{name}/restart`` ``{"down": s}``;
   ``POST /nodes/{name}/kill``; ``POST /nodes/{name}/start``
@@ -98,6 +100,9 @@ class ControlServer:
             if not 1 <= limit <= MAX_SLOTS:
                 raise ControlError(400, f"limit must be 1..{MAX_SLOTS}")
             return {"slots": self.cluster.slot_records(_int_arg(query, "since", 0), limit)}
+        if parts == ["finalizers"]:
+            self._method(request, "GET")
+            return self.cluster.finalizers()
         if parts == ["nodes"]:
             self._method(request, "GET")
             return {"nodes": [self.cluster.node(n).status() for n in self.cluster.node_names]}

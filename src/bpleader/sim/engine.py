@@ -260,6 +260,49 @@ class Engine:
                     "active_finalizer_node": owner,
                     "finalizer_policy_generation": state.active.generation if state else None}
 
+    def finalizer_keys(self) -> dict[str, str | None]:
+        """Each node's configured BLS finalizer key (none on a legacy chain)."""
+        with self.lock:
+            if not self.config.savanna:
+                return {}
+            return {n.name: next(iter(sorted(n.keys)), None)
+                    for n in self.model.nodes.values()}
+
+    def finalizers(self) -> dict[str, Any]:
+        """Our producer's finalizer as the network's head has it (the active key, the
+        node configured with it, the policy generation, a key switch in progress), and
+        each node's key and implicit production pause."""
+        with self.lock:
+            now = self._now()
+            self.model.advance(now)
+            head = self.model.canonical.head
+            state = head.policies
+            active = state.active.key_of(self.producer) if state else None
+            pending = state.pending[0].key_of(self.producer) if state and state.pending \
+                else None
+            proposed = state.proposed[-1][0].key_of(self.producer) \
+                if state and state.proposed else None
+            nodes: dict[str, dict[str, Any]] = {}
+            for name, node in self.model.nodes.items():
+                key = next(iter(sorted(node.keys)), None) if state else None
+                implicit = self.model.implicitly_paused(name, now)
+                reason = ""
+                if implicit:
+                    reason = node.tracker.reason(now) or "forced"
+                nodes[name] = {"up": node.up, "finalizer_key": key,
+                               "active": key is not None and key == active,
+                               "implicitly_paused": implicit, "pause_reason": reason}
+            return {"savanna": self.config.savanna,
+                    "vote_timeout": self.config.vote_timeout if state else None,
+                    "active_finalizer_key": active,
+                    "active_finalizer_node": next(
+                        (n for n, v in nodes.items() if v["active"]), None),
+                    "finalizer_policy_generation": state.active.generation if state else None,
+                    "pending_finalizer_key": pending,
+                    "proposed_finalizer_key": proposed,
+                    "last_irreversible_block_num": head.final.height if state else None,
+                    "nodes": nodes}
+
     def slot_records(self, since: int, limit: int) -> list[dict[str, Any]]:
         with self.lock:
             return self.model.ledger.records(since, limit)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 # kind -> (parameter names, what it stands for)
 FAULTS: dict[str, tuple[tuple[str, ...], str]] = {
     "desync": ((), "the head stops where it is; the node does not sign"),
-    "lag": (("seconds",), "the node sees the network's blocks this many seconds late"),
+    "lag": (("seconds",), "blocks and votes reach the node this many seconds late"),
     "freeze_api": ((), "connections are accepted and never answered until cleared"),
     "slow_api": (("seconds",), "every answer is delayed this many seconds"),
     "http_500": ((), "every call answers 500 with nodeos's error body"),

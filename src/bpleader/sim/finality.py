@@ -20,49 +20,18 @@ follow Spring 1.x (see the README's "Savanna" section for what is simplified):
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-BLS_PREFIX = "PUB_BLS_"
-BLS_KEY_BYTES = 96
+from bpleader.antelope import BLS_PREFIX, encode_bls_public_key
+
 DEFAULT_VOTE_TIMEOUT = 6.0  # production-pause-vote-timeout-ms, in seconds
 RECENT_BLOCK = 30.0  # nodeos votes only on blocks younger than this
 # A block only starts the implicit-pause clock when it is this much newer than the last
 # vote (Spring's fixed acceptance tolerance).
 BLOCK_TOLERANCE = 1.0
-
-
-def _ripemd160(data: bytes) -> bytes:
-    return hashlib.new("ripemd160", data).digest()
-
-
-def encode_bls_public_key(raw: bytes) -> str:
-    """``PUB_BLS_`` + base64url without padding of the 96 key bytes and 4 check bytes
-    (the first 4 of RIPEMD-160 over the key), as Spring's fc library writes it."""
-    if len(raw) != BLS_KEY_BYTES:
-        raise ValueError(f"a BLS public key has {BLS_KEY_BYTES} bytes, not {len(raw)}")
-    text = base64.urlsafe_b64encode(raw + _ripemd160(raw)[:4]).decode().rstrip("=")
-    return BLS_PREFIX + text
-
-
-def decode_bls_public_key(text: str) -> bytes:
-    """The 96 key bytes of a ``PUB_BLS_`` key; ValueError saying what is wrong."""
-    if not text.startswith(BLS_PREFIX):
-        raise ValueError(f"must start with {BLS_PREFIX}")
-    body = text[len(BLS_PREFIX):].rstrip("=")
-    try:
-        data = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    except (ValueError, TypeError):
-        raise ValueError("is not base64url") from None
-    if len(data) != BLS_KEY_BYTES + 4:
-        raise ValueError(f"decodes to {len(data)} bytes, not {BLS_KEY_BYTES} + 4 checksum")
-    raw, check = data[:BLS_KEY_BYTES], data[BLS_KEY_BYTES:]
-    if _ripemd160(raw)[:4] != check:
-        raise ValueError("checksum does not match (a typo or a truncated key)")
-    return raw
 
 
 def simulated_bls_key(owner: str) -> str:

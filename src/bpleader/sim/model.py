@@ -312,10 +312,15 @@ class ChainModel:
         head = node.head
         if head is block or (head.height >= block.height and head.extends(block)):
             return  # known already
-        if node.pause_at is not None and head.height >= node.pause_at \
-                and block.height > node.pause_at:
+        if node.pause_at is not None and block.height > node.pause_at:
             node.held.append(block)  # pause_at_block: not applied until resumed
-            return
+            if head.height >= node.pause_at:
+                return
+            # Catching up from below: blocks are applied one by one up to the pause
+            # block, so the head stops there however far ahead this block is.
+            block = block.ancestor(node.pause_at)
+            if head is block or (head.height >= block.height and head.extends(block)):
+                return
         if self._better(block, head):
             node.head = block
             if node is self.ext:

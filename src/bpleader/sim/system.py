@@ -17,9 +17,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpleader.antelope import ACTFINKEY, SYSTEM, SignedTransaction, normalize_public_key
+from bpleader.antelope import (
+    ACTFINKEY,
+    SYSTEM,
+    SignedTransaction,
+    decode_bls_public_key,
+    normalize_public_key,
+)
 from bpleader.sim.chain import Block
-from bpleader.sim.finality import Policy, PolicyState, decode_bls_public_key, simulated_bls_key
+from bpleader.sim.finality import Policy, PolicyState, simulated_bls_key
 from bpleader.sim.model import ChainConfig
 
 MAX_EXPIRATION = 3600  # seconds: nodeos's max-transaction-lifetime default
