@@ -1,8 +1,9 @@
 """Scenarios of issue 3 on real processes: a 3-member etcd cluster, the nodeos simulator on
 a legacy (pre-Savanna) chain, and real `bpleader agent` processes
 (tests/test_agent_savanna.py runs the failovers on a Savanna chain, with finalizer keys).
-Every scenario asserts the invariant from the simulator's ledger (no slot or height signed twice by our producer) and that one leader
-produces again; failover times are recorded as figures, not asserted.
+Every scenario asserts the invariant from the simulator's ledger (no slot or height signed
+twice by our producer) and that one leader produces again; failover times are recorded as
+figures, not asserted.
 """
 
 from __future__ import annotations
