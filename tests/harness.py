@@ -158,6 +158,8 @@ class World:
     agents: dict[str, AgentProc] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=lambda: dict(FAST_TIMING))
     prefix: str = "/bpleader"
+    # Give agents a [finalizer] section (the simulator needs SAVANNA_CHAIN's permission).
+    finalizer: bool = False
 
     def add_agent(self, name: str, **overrides: Any) -> AgentProc:
         url = self.sim.node(name).url
@@ -168,7 +170,8 @@ class World:
             "timing": dict(self.timing),
             "metrics": {"listen": "127.0.0.1:0"},
         }
-        if getattr(self.sim, "savanna", False) and overrides.pop("finalizer", True):
+        use_finalizer = overrides.pop("finalizer", True)
+        if self.finalizer and use_finalizer:
             key_file = self.root / f"{name}.finkey"
             key_file.write_text(FINKEY + "\n")
             key_file.chmod(0o600)

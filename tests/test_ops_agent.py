@@ -168,5 +168,5 @@ def test_hung_webhooks_do_not_delay_the_fence_or_shutdown(world: World,
         text = agent.log_text()
         assert "SECRET" not in text
         kinds = [json.dumps(r.body) for r in hung.hook.received]
-    assert any("role_change" in k for k in kinds)
+    assert any("role_change" in k for k in kinds), kinds
     assert "event=notify_destinations reason='slack,webhook'" in text

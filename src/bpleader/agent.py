@@ -137,23 +137,22 @@ class Observation:
 class _Repeats:
     """One log line per distinct error, then a reminder with a count every ``every``
     seconds: an etcd or nodeos outage must not bury the log under one line per tick.
-    Numbers are ignored when comparing, so "next try in 2.0 s" repeats "... in 1.0 s";
-    errors of different calls are tracked apart, so two that alternate stay quiet too."""
+    Numbers are ignored when comparing, so "next try in 2.0 s" repeats "... in 1.0 s"."""
 
     def __init__(self, every: float = 30.0) -> None:
         self.every = every
-        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last shown, held back)
+        self._key = ""
+        self._since = 0.0
+        self._count = 0
 
     def check(self, text: str, now: float) -> tuple[bool, int]:
         """Whether to log ``text`` now, and how many were held back before it."""
         key = re.sub(r"\d+(\.\d+)?", "#", text)
-        since, held = self._seen.get(key, (float("-inf"), 0))
-        if now - since >= self.every:
-            if len(self._seen) > 64:
-                self._seen.clear()
-            self._seen[key] = (now, 0)
+        if key != self._key or now - self._since >= self.every:
+            held, self._count = self._count, 0
+            self._key, self._since = key, now
             return True, held
-        self._seen[key] = (since, held + 1)
+        self._count += 1
         return False, 0
 
 

@@ -1,9 +1,11 @@
 """``bpleader demo``: a whole producer setup on this machine, and failovers to watch.
 
-Three real etcd members on loopback, the nodeos simulator with one node per agent, and
-one real ``bpleader agent`` process per node, all children of this process and cleaned
-up on exit or Ctrl-C. The view shows each node's role, sync, head, paused state, lease
-and the chain's ledger; faults are injected by keys, or played in order by ``--script``.
+Three real etcd members on loopback, the nodeos simulator with one node per agent (a
+Savanna chain unless ``--legacy``: each node has its own BLS finalizer key, and the agents
+move the producer's active key to the leader), and one real ``bpleader agent`` process per
+node, all children of this process and cleaned up on exit or Ctrl-C. The view shows each
+node's role, sync, head, paused state, finalizer key and the chain's ledger, with every
+measured failover; faults are injected by keys, or played in order by ``--script``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bpleader.antelope import new_private_key, public_key_of
 from bpleader.localetcd import EtcdCluster
 from bpleader.sim import SimCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
@@ -46,6 +50,7 @@ class Demo:
     failovers: list[tuple[str, float]] = field(default_factory=list)
     frozen: dict[str, float] = field(default_factory=dict)
     quorum_cut: bool = False
+    finkey: str = ""  # the K1 private key of the producer's finkey permission (Savanna)
     started: float = field(default_factory=time.monotonic)
 
     # ------------------------------------------------------------ processes
@@ -61,9 +66,18 @@ class Demo:
             f'[node]\nname = "{node}"\nproducer = "{PRODUCER}"\n\n'
             f"[etcd]\nendpoints = [{eps}]\n\n"
             f'[nodeos]\nurl = "{self.sim.node(node).url}"\ntimeout = 0.3\n\n'
-            f"[timing]\n{timing}\n\n"
+            f"[timing]\n{timing}\n\n{self._finalizer_section(node)}"
             f'[metrics]\nlisten = "127.0.0.1:0"\n')
         path.chmod(0o600)
+
+    def _finalizer_section(self, node: str) -> str:
+        if not self.sim.savanna:
+            return ""
+        key_file = self.root / f"{node}.finkey"
+        key_file.write_text(self.finkey + "\n")
+        key_file.chmod(0o600)
+        return (f'[finalizer]\nkey = "{self.sim.finalizer_keys()[node]}"\n'
+                f'permission = "{PRODUCER}@finkey"\nsigning_key_file = "{key_file}"\n\n')
 
     def start_agent(self, node: str) -> None:
         log = open(self.root / f"{node}.log", "ab")
@@ -109,19 +123,31 @@ class Demo:
 
     # ---------------------------------------------------------------- faults
 
+    def active_key_node(self) -> str | None:
+        return self.sim.ledger_summary().get("active_finalizer_node")
+
     def _timed_failover(self, what: str, old: str | None, timeout: float = 40.0) -> None:
+        """Time from the fault to a new producer, and on Savanna to its own finalizer key
+        active (production failover is complete only then)."""
         t0 = time.monotonic()
         self.event(what)
+        new: str | None = None
         while time.monotonic() - t0 < timeout:
             self.thaw_due()
-            new = self.leader()
-            if new is not None and new != old:
+            if new is None:
+                new = self.leader()
+                if new is not None and new == old:
+                    new = None
+                if new is not None:
+                    self.event(f"{new} producing {time.monotonic() - t0:.2f}s after: {what}")
+            if new is not None and (not self.sim.savanna or self.active_key_node() == new):
                 took = time.monotonic() - t0
                 self.failovers.append((what, took))
-                self.event(f"{new} producing {took:.2f}s after: {what}")
+                if self.sim.savanna:
+                    self.event(f"{new}'s finalizer key active {took:.2f}s after: {what}")
                 return
             time.sleep(0.05)
-        self.event(f"no new producer within {timeout:.0f}s after: {what}")
+        self.event(f"no failover completed within {timeout:.0f}s after: {what}")
 
     def kill_leader(self, wait: bool) -> None:
         old = self.leader()
@@ -188,8 +214,17 @@ class Demo:
             if res.returncode == 0:
                 self.failovers.append(("switchover", time.monotonic() - t0))
         else:
-            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.event(f"switchover requested from {old}")
+            threading.Thread(target=self._switchover_in_background, args=(cmd,),
+                             daemon=True).start()
+
+    def _switchover_in_background(self, cmd: list[str]) -> None:
+        """The live view shows how it went, a refusal with its reason."""
+        t0 = time.monotonic()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        self.event((res.stdout or res.stderr).strip() or f"switchover exited {res.returncode}")
+        if res.returncode == 0:
+            self.failovers.append(("switchover", time.monotonic() - t0))
 
     def toggle_quorum(self) -> None:
         cut = self.etcd.members[:2]
@@ -217,7 +252,8 @@ class Demo:
         lines = [f"bpleader demo: producer {PRODUCER}, {len(self.nodes)} nodes, 3 etcd members"
                  f"{' (QUORUM CUT)' if self.quorum_cut else ''}", ""]
         lines.append(f"{'NODE':<8} {'AGENT':<8} {'ROLE':<12} {'IN SYNC':<8} {'HEAD':>8} "
-                     f"{'PAUSED':<7} {'BLOCKS':>7}")
+                     f"{'PAUSED':<7} {'BLOCKS':>7}  {'FINALIZER KEY':<24}")
+        active = ledger.get("active_finalizer_node")
         blocks = ledger.get("blocks_by_node", {})
         for n in self.nodes:
             proc = self.agents.get(n)
@@ -225,18 +261,29 @@ class Demo:
                 "running" if proc is not None and proc.poll() is None else "stopped")
             rec = snap.records.get(n) if snap else None
             sim_node = self.sim.node(n)
+            status = sim_node.status()
+            paused = "implicit" if status.get("implicitly_paused") else \
+                str(sim_node.paused).lower()
+            key = status.get("finalizer_key") or "-"
+            key = f"{key[:16]}…{' ACTIVE' if n == active else ''}" if key != "-" else key
             lines.append(
                 f"{n:<8} {state:<8} {(rec.role if rec else '-'):<12} "
                 f"{(str(rec.in_sync).lower() if rec else '-'):<8} "
                 f"{(rec.head_block_num if rec else 0):>8} "
-                f"{str(sim_node.paused).lower():<7} {blocks.get(n, 0):>7}")
+                f"{paused:<7} {blocks.get(n, 0):>7}  {key:<24}")
         leader = snap.leader.node if snap and snap.leader else "none (etcd unreachable)" \
             if snap is None else "none"
-        lines += ["", f"etcd leader key: {leader}",
+        chain = "Savanna" if self.sim.savanna else "legacy"
+        lines += ["", f"etcd leader key: {leader}    chain: {chain}, LIB "
+                      f"#{ledger.get('last_irreversible_block_num') or '-'}",
                   f"ledger: our slots {ledger['our_slots']}, missed {ledger['missed_slots']}, "
                   f"DOUBLE PRODUCED SLOTS {ledger['double_produced_slots']}, "
-                  f"double heights {ledger['double_produced_heights']}", "", "events:"]
-        lines += self.events[-10:]
+                  f"double heights {ledger['double_produced_heights']}, vote equivocations "
+                  f"{ledger['vote_equivocations']}"]
+        if self.failovers:
+            lines.append("failovers: " + "; ".join(f"{what} {took:.2f}s"
+                                                    for what, took in self.failovers[-4:]))
+        lines += ["", "events:", *self.events[-10:]]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -244,16 +291,19 @@ class Demo:
         lines = ["", "== summary",
                  f"our slots: {ledger['our_slots']}  missed: {ledger['missed_slots']}  "
                  f"double-produced slots: {ledger['double_produced_slots']}  "
-                 f"double-produced heights: {ledger['double_produced_heights']}",
+                 f"double-produced heights: {ledger['double_produced_heights']}  "
+                 f"vote equivocations: {ledger['vote_equivocations']}",
                  "blocks per node: " + ", ".join(
                      f"{n}={c}" for n, c in sorted(ledger.get("blocks_by_node", {}).items()))]
+        until = "new producer, own finalizer key active" if self.sim.savanna else \
+            "new producer"
         for what, took in self.failovers:
-            lines.append(f"failover {took:6.2f}s  {what}")
+            lines.append(f"failover {took:6.2f}s  {what}  (fault to {until})")
         return "\n".join(lines)
 
 
 @contextlib.contextmanager
-def _cluster(nodes: list[str], workdir: Path | None) -> Iterator[Demo]:
+def _cluster(nodes: list[str], workdir: Path | None, savanna: bool) -> Iterator[Demo]:
     root = workdir or Path(tempfile.mkdtemp(prefix="bpleader-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     etcd = EtcdCluster(root / "etcd", size=3)
@@ -261,9 +311,13 @@ def _cluster(nodes: list[str], workdir: Path | None) -> Iterator[Demo]:
     try:
         # Another producer fills half of each round, as on a real chain: our head keeps
         # moving while none of our nodes produces, so a standby can be in sync.
+        finkey = new_private_key() if savanna else ""
+        extra = {"finalizer_permission": "finkey",
+                 "finalizer_permission_key": public_key_of(finkey)} if savanna else {}
         with SimCluster(PRODUCER, nodes, block_interval=0.5, pause_on_startup=True,
-                        other_producers=["otherbp"], slots_per_producer=4) as sim:
-            demo = Demo(root, nodes, etcd, sim)
+                        other_producers=["otherbp"], slots_per_producer=4, savanna=savanna,
+                        **extra) as sim:  # type: ignore[arg-type]
+            demo = Demo(root, nodes, etcd, sim, finkey=finkey)
             for n in nodes:
                 demo.write_config(n)
                 demo.start_agent(n)
@@ -361,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--script", action="store_true",
                    help="play a fixed sequence of faults without a terminal, then summarise")
     p.add_argument("--workdir", type=Path, help="keep configs, logs and etcd data here")
+    p.add_argument("--legacy", action="store_true",
+                   help="a pre-Savanna chain: no finalizer keys, no votes")
     args = p.parse_args(argv)
     nodes = [f"bp-{c}" for c in "abc"[: args.nodes]]
     interactive = not args.script and sys.stdin.isatty() and sys.stdout.isatty()
@@ -370,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
 
     try:
-        with _cluster(nodes, args.workdir) as demo:
+        with _cluster(nodes, args.workdir, not args.legacy) as demo:
             say(f"demo files (configs, agent logs): {demo.root}")
             if args.script:
                 _play_script(demo, say)
