@@ -131,3 +131,60 @@ def test_killed_leader_is_replaced_one_lease_later() -> None:
         assert not w.violations
     finally:
         w.close()
+
+
+# ------------------------------------------------------------------ Savanna
+
+
+def test_the_leader_moves_the_finalizer_key_to_itself_after_its_first_resume() -> None:
+    w = world(3)
+    try:
+        w.run_until(8.0)
+        first = leader_of(w)
+        w.nodes[first].crash_agent("test")
+        w.nodes[first].nodeos.crash()
+        at = w.loop.time()
+        w.run_until(at + 15.0)
+        lead = w.etcd.leader()
+        assert lead is not None and lead[0] != first
+        new = lead[0]
+        assert w.producers() == [new]
+        resumed = when(w, new, r"event=resumed", at)
+        switch = when(w, new, r"event=finalizer_switch ", at)
+        active = when(w, new, r"event=finalizer_active", at)
+        assert resumed <= switch < active, "the switch follows the resume, never precedes it"
+        assert active - resumed < 5.0  # a few blocks: well inside the 6 s implicit pause
+        state = w.model.canonical.head.policies
+        assert state is not None and state.active.key_of("mybp") in w.model.node(new).keys
+        assert not w.model.implicitly_paused(new, w.now())
+        assert not w.violations
+    finally:
+        w.close()
+
+
+def test_an_agent_refuses_to_run_with_a_bls_key_another_node_has() -> None:
+    w = World(Scenario(seed=1, duration=60.0, nodes=2, timing=T, faults=None,
+                       keep_trace=None, shared_key=True))
+    try:
+        w.run_until(5.0)
+        refused = [n for n in w.nodes.values() if n.agent is not None and n.agent.refusal]
+        assert refused, w.trace.text()[-2000:]
+        assert "event=duplicate_finalizer_key" in w.trace.text()
+        assert all(n.nodeos.pause_flag for n in refused)  # it stopped with nodeos paused
+        assert any(v.kind == "shared-key" for v in w.violations)  # the ledger saw it too
+    finally:
+        w.close()
+
+
+def test_start_up_reports_what_the_chain_lacks_with_the_cleos_commands() -> None:
+    w = world(2)
+    contract = w.api.contract
+    assert contract is not None
+    contract.links.clear()  # finkey exists but is not linked to eosio::actfinkey
+    try:
+        w.run_until(3.0)
+        text = w.trace.text()
+        assert "event=finalizer_setup" in text
+        assert "cleos set action permission mybp eosio actfinkey finkey" in text
+    finally:
+        w.close()

@@ -35,8 +35,9 @@ PRODUCER = "demobp"
 TIMING = {"lease_ttl": 2, "keepalive_interval": 0.3, "fence_guard": 0.9,
           "takeover_delay": 0.5, "check_interval": 0.25, "continuity_timeout": 3.0,
           "doppelganger_quiet": 10.0}
-KEYS = "k kill leader  f freeze leader 3xTTL  d desync leader's nodeos  s switchover  " \
-       "q cut/restore etcd quorum  r restart stopped agents  x quit"
+KEYS = "k kill leader's agent  c crash leader's host  f freeze leader 3xTTL  " \
+       "d desync leader's nodeos  s switchover  q cut/restore etcd quorum  " \
+       "r restart stopped agents  x quit"
 
 
 @dataclass
@@ -160,6 +161,21 @@ class Demo:
             self._timed_failover(f"SIGKILL agent {old}", old)
         else:
             self.event(f"SIGKILL agent {old}")
+
+    def crash_leader_host(self, wait: bool) -> None:
+        """The leader's host dies: agent and nodeos at once; nodeos comes back 5 s later,
+        paused (pause-on-startup), as systemd would start it again."""
+        old = self.leader()
+        if old is None or self.agents[old].poll() is not None:
+            self.event("no leader to crash")
+            return
+        self.agents[old].kill()
+        self.agents[old].wait()
+        self.sim.node(old).restart(5.0)
+        if wait:
+            self._timed_failover(f"host of {old} crashed (agent and nodeos)", old)
+        else:
+            self.event(f"host of {old} crashed (agent and nodeos)")
 
     def freeze_leader(self, wait: bool) -> None:
         old = self.leader()
@@ -378,6 +394,7 @@ def _play_script(demo: Demo, say: Callable[[str], None]) -> None:
 def _interactive(demo: Demo) -> None:
     actions: dict[str, Callable[[], None]] = {
         "k": lambda: demo.kill_leader(wait=False),
+        "c": lambda: demo.crash_leader_host(wait=False),
         "f": lambda: demo.freeze_leader(wait=False),
         "d": lambda: None if demo.heal_desync() else demo.desync_leader(wait=False),
         "s": lambda: demo.switchover(wait=False),
