@@ -1,9 +1,11 @@
 """Quick mode of the chaos benchmark (issue 5) on real network namespaces.
 
-Runs split brain, producer-producer link cut and leader killed once against bpleader and
-against the keepalived/VRRP baseline, and asserts the claim: bpleader never
-double-produces, and the baseline does in the split brain (if it did not, the harness
-would not be cutting what it claims to cut).
+Runs split brain and the producer-producer link cut once against bpleader and against
+the keepalived/VRRP baseline, and asserts the claim: bpleader never double-produces, and
+the baseline does in the split brain (if it did not, the harness would not be cutting
+what it claims to cut). The quick mode's third scenario, leader killed, is left to the
+benchmark itself: the integration tests kill leaders on real processes already, and the
+suite has a 15-minute budget.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ def test_chaos_quick(tmp_path: Path) -> None:
         pytest.skip(f"ip netns is unusable here: {reason}")
     from benchmarks.chaos.run import main
 
-    assert main(["--quick", "--steady", "5", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--scenarios", "split_brain,peer_link_cut", "--steady", "5",
+                 "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     trials = result["trials"]
-    assert {t["scenario"] for t in trials} == {"split_brain", "peer_link_cut",
-                                               "leader_killed"}
+    assert {t["scenario"] for t in trials} == {"split_brain", "peer_link_cut"}
     for t in trials:
         if t["design"] == "bpleader":
             assert t["double_produced_slots"] == 0, t["scenario"]

@@ -14,9 +14,10 @@ import pytest
 
 from bpleader.simworld import Faults, Scenario, simulate
 from bpleader.simworld.runner import explore
-from bpleader.simworld.variants import AGENTS, SCENARIOS
+from bpleader.simworld.variants import AGENTS
 
-SUITE_SEEDS = range(0, 48)  # about 20 s on one core
+SUITE_SEEDS = range(0, 40)  # about 30 s on two cores
+JOBS = 2  # the CI machine's cores: seeds are independent processes
 SECONDS = 180.0
 # Each weakened agent must be caught within this many seeds. The figures measured when
 # this was written (first failing seed) are far below it; see the README.
@@ -27,7 +28,7 @@ def test_real_agent_keeps_every_invariant_on_the_suite_seeds() -> None:
     kinds: Counter[str] = Counter()
     failing = []
     simulated = 0.0
-    for result in explore(SUITE_SEEDS, SECONDS, "real"):
+    for result in explore(SUITE_SEEDS, SECONDS, "real", jobs=JOBS):
         simulated += result.node_hours
         kinds.update(v.kind for v in result.violations)
         if result.violations:
@@ -75,9 +76,9 @@ CAUGHT_BY = {"no-key-switch": {"liveness"}}
 def test_each_weakened_safety_layer_is_caught(agent: str) -> None:
     kill_fence = agent not in WITHOUT_KILL_FENCE
     kinds = CAUGHT_BY.get(agent, SAFETY)
-    for seed in range(CATCH_WITHIN):
-        result = simulate(Scenario.explore(seed, SECONDS, agent=agent, kill_fence=kill_fence,
-                                           **SCENARIOS.get(agent, {})))
+    # explore() applies the variant's scenario overrides (SCENARIOS), as the runner does.
+    for result in explore(range(CATCH_WITHIN), SECONDS, agent, jobs=JOBS,
+                          kill_fence=kill_fence):
         if any(v.kind in kinds for v in result.violations):
             return
     pytest.fail(f"{agent}: no {'/'.join(sorted(kinds))} violation in {CATCH_WITHIN} seeds")
