@@ -264,7 +264,7 @@ class FakeStore:
             self.kv[key] = (node.encode(), OUR_REVISION, lease_id)
         return Candidate(key, node, lease_id, self.kv[key][1])
 
-    async def confirm_leader(self, me: Candidate) -> bool:
+    async def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
         if key_rev := self.kv.get(me.key):
             revs = [r for k, _v, r, _l in self._all() if k.startswith(self.keys.election)]
             return key_rev[1] == me.create_revision and min(revs) == me.create_revision

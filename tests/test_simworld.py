@@ -97,3 +97,11 @@ def test_virtual_time_never_stalls_on_clock_rounding() -> None:
     to just before it rescheduled itself at the same virtual instant forever."""
     result = simulate(Scenario.explore(2190, 900.0))
     assert result.sim_seconds >= 900.0 or result.violations
+
+
+def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() -> None:
+    """Seed 5041: a new leader, cut from etcd right after its resume and killed 0.4 s
+    later, never published a record of that term; the next leader resumed on a head
+    below the blocks it had signed. The record now goes in with the fencing check."""
+    result = simulate(Scenario.explore(5041, 900.0))
+    assert not result.violations, result.violations[0].text

@@ -70,6 +70,30 @@ def test_records_switchover_and_maintenance(etcd1: EtcdCluster) -> None:
     asyncio.run(scenario())
 
 
+def test_the_fencing_check_keeps_a_last_record_and_drops_the_old_handover(
+        etcd1: EtcdCluster) -> None:
+    async def scenario() -> None:
+        store = store_for(etcd1)
+        try:
+            lease = await store.grant(5)
+            me = await store.campaign(lease.id, "bp-a")
+            await store.leave_handover("bp-a", 40)  # an earlier term's final head
+            rec = NodeRecord("bp-a", role="taking_over", in_sync=True, head_block_num=42,
+                             paused=True, updated=1000.0)
+            assert await store.confirm_leader(me)  # without a record: nothing written
+            snap = await store.snapshot()
+            assert snap.handovers == {"bp-a": 40} and "bp-a" not in snap.lasts
+            assert await store.confirm_leader(me, rec)
+            snap = await store.snapshot()
+            assert snap.lasts["bp-a"].head_block_num == 42 and "bp-a" not in snap.handovers
+            await store.revoke(lease.id)  # the last record outlives the lease
+            assert (await store.snapshot()).lasts["bp-a"].updated == 1000.0
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_unreachable_etcd_is_a_store_error(etcd1: EtcdCluster) -> None:
     store = store_for(etcd1)
     etcd1.stop()

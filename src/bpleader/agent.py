@@ -200,6 +200,7 @@ class Agent:
         self.role = Role.STARTING
         self.stats = AgentStats()
         self.last: Observation | None = None
+        self._record: NodeRecord | None = None  # this tick's record, for confirm_leader
         # Called with every logged event; each must only queue work (it runs in the loop).
         self.listeners: list[Callable[[AgentEvent], None]] = []
         self._me: Candidate | None = None  # our election key, while we hold one
@@ -610,7 +611,10 @@ class Agent:
     async def _etcd_confirms(self, me: Candidate) -> bool:
         """One transaction: our key still exists, with its revision, and is the lowest."""
         try:
-            still_leader = await self.store.confirm_leader(me)
+            # Our newest record goes in with the check: a node that resumes always has a
+            # last record as new as its head at the resume, even if it dies or is cut
+            # off before its next tick (seed 5041: killed 0.4 s after resuming).
+            still_leader = await self.store.confirm_leader(me, self._record)
         except StoreError as exc:
             self._etcd_error(exc)
             return False
@@ -809,21 +813,24 @@ class Agent:
         return None
 
     async def _publish(self, o: Observation) -> None:
+        record = self._record = self._node_record(o)
         lease = self.session.lease
         if lease is None or o.snap is None:
             return
-        record = NodeRecord(
+        try:
+            # Only a node that may have signed keeps a last record (see _bound_vanished_leader).
+            await self.store.publish(record, lease.id, keep=self._armed and self._resume_sent)
+        except StoreError as exc:
+            self._etcd_error(exc)
+
+    def _node_record(self, o: Observation) -> NodeRecord:
+        return NodeRecord(
             node=self.cfg.node, role=self.role.value, in_sync=o.sync.in_sync,
             head_block_num=o.info.head_block_num if o.info else 0,
             lag=round(o.sync.lag, 3) if o.sync.lag is not None else None,
             lib_lag=self._lib_lag(o.info), fence_at=self._fence_at(o),
             paused=o.paused, version=__version__, updated=round(o.wall, 3),
             **self._finalizer_fields())
-        try:
-            # Only a node that may have signed keeps a last record (see _bound_vanished_leader).
-            await self.store.publish(record, lease.id, keep=self._armed and self._resume_sent)
-        except StoreError as exc:
-            self._etcd_error(exc)
 
     # ------------------------------------------------------------- continuity
 

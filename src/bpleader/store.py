@@ -327,8 +327,11 @@ class Store(Protocol):
         """Create our election key on the lease (or find the one we made before)."""
         ...
 
-    async def confirm_leader(self, me: Candidate) -> bool:
-        """One transaction: our key still exists with its create revision and is the lowest."""
+    async def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
+        """One transaction: our key still exists with its create revision and is the lowest.
+        With ``last`` (right before a resume), the same transaction keeps it as our
+        ``last`` record without a lease and drops our handover head: from here on we may
+        sign, so no node may learn that we did only from a record we failed to write."""
         ...
 
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
@@ -537,14 +540,16 @@ class EtcdStore:
 
         return await self._run("campaign", create)
 
-    async def confirm_leader(self, me: Candidate) -> bool:
+    async def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
         election = self.keys.election
 
         def check(c: Any) -> bool:
             t = c.transactions
+            keep = [] if last is None else [t.put(self.keys.last(me.node), last.to_json()),
+                                            t.delete(self.keys.handover(me.node))]
             ok, responses = c.transaction(
                 compare=[t.create(me.key) == me.create_revision],
-                success=[t.get(election, _prefix_end(election))],
+                success=[t.get(election, _prefix_end(election)), *keep],
                 failure=[],
             )
             if not ok:

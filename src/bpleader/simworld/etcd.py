@@ -176,11 +176,15 @@ class SimEtcd:
         self.trace.add("etcd", f"campaign {node} key {lease_id:x} rev {revision}")
         return Candidate(key, node, lease_id, revision)
 
-    def confirm_leader(self, me: Candidate) -> bool:
+    def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
         self.expire()
         own = self.kvs.get(me.key)
         if own is None or own.create_revision != me.create_revision:
             return False
+        if last is not None:
+            self._put(self.keys.last(me.node), last.to_json().encode(), 0)
+            if self.keys.handover(me.node) in self.kvs:
+                self._delete(self.keys.handover(me.node))
         election = self.keys.election
         revisions = [kv.create_revision for k, kv in self.kvs.items() if k.startswith(election)]
         return min(revisions) == me.create_revision
@@ -388,8 +392,8 @@ class StoreClient:
     async def campaign(self, lease_id: int, node: str) -> Candidate:
         return await self._call("campaign", lambda: self._etcd.campaign(lease_id, node))
 
-    async def confirm_leader(self, me: Candidate) -> bool:
-        return await self._call("confirm_leader", lambda: self._etcd.confirm_leader(me))
+    async def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
+        return await self._call("confirm_leader", lambda: self._etcd.confirm_leader(me, last))
 
     async def resign(self, me: Candidate, last_head: int = 0) -> None:
         await self._call("resign", lambda: self._etcd.resign(me, last_head))
