@@ -228,11 +228,21 @@ class Demo:
             text = (res.stdout or res.stderr).strip()
             self.event(text)
             if res.returncode == 0:
+                self._wait_own_key(t0 + 40.0)
                 self.failovers.append(("switchover", time.monotonic() - t0))
         else:
             self.event(f"switchover requested from {old}")
             threading.Thread(target=self._switchover_in_background, args=(cmd,),
                              daemon=True).start()
+
+    def _wait_own_key(self, deadline: float) -> None:
+        """The command returns once the new leader produces; on Savanna the switchover
+        is complete when its own finalizer key is active too."""
+        while self.sim.savanna and time.monotonic() < deadline:
+            new = self.leader()
+            if new is not None and self.active_key_node() == new:
+                return
+            time.sleep(0.05)
 
     def _switchover_in_background(self, cmd: list[str]) -> None:
         """The live view shows how it went, a refusal with its reason."""
