@@ -208,8 +208,10 @@ def test_refused_agents_stay_paused_with_one_clear_line_and_backoff(
     for case, _, words in REFUSALS:
         log = logs[case]
         assert "Traceback" not in log, f"{case}: stack trace in the log"
+        # A request that timed out on a loaded machine is not the refusal under test.
         errors = [ln for ln in log.splitlines()
-                  if "event=etcd_error" in ln or "event=lease_grant_failed" in ln]
+                  if ("event=etcd_error" in ln or "event=lease_grant_failed" in ln)
+                  and "deadline" not in ln.lower()]
         assert errors, f"{case}: no etcd error logged"
         for word in words:
             assert all(word in ln for ln in errors), f"{case}: {word!r} missing in {errors[0]}"
