@@ -609,7 +609,8 @@ class Agent:
         return self.session.holds(me.lease_id, self.clock.now(), needed)
 
     async def _etcd_confirms(self, me: Candidate) -> bool:
-        """One transaction: our key still exists, with its revision, and is the lowest."""
+        """One transaction: our key still exists, with its revision, and is the lowest;
+        in it, our last record is kept and our older handover dropped (store.py)."""
         try:
             # Our newest record goes in with the check: a node that resumes always has a
             # last record as new as its head at the resume, even if it dies or is cut
