@@ -72,7 +72,12 @@ SAFETY = {"double-production", "lock", "equivocation", "shared-key"}
 CAUGHT_BY = {"no-key-switch": {"liveness"}}
 
 
-@pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real", "shared-bls-key"}
+# Checked on the seed that found them instead: the shared key (its own test below) and
+# a last record showing nodeos's head only (seed 5721).
+ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record"}
+
+
+@pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
                                           - COVERED_BY_OTHER_LAYERS))
 def test_each_weakened_safety_layer_is_caught(agent: str) -> None:
     kill_fence = agent not in WITHOUT_KILL_FENCE
@@ -105,6 +110,17 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
     later, never published a record of that term; the next leader resumed on a head
     below the blocks it had signed. The record now goes in with the fencing check."""
     result = simulate(Scenario.explore(5041, 900.0))
+    assert not result.violations, result.violations[0].text
+
+
+def test_a_last_record_never_shows_less_than_its_leader_may_have_signed() -> None:
+    """Seed 5721: a leader cut from p2p signed on a private branch; its guard killed
+    nodeos, and its next record, kept as its last, showed head 0. The successor's bound
+    came from that record and it re-signed a height of the private branch. The agent
+    whose record shows nodeos's head only still does so; the real agent does not."""
+    weakened = explore([5721], 420.0, "nodeos-head-record", jobs=1)
+    assert any(v.kind == "double-production" for r in weakened for v in r.violations)
+    result = simulate(Scenario.explore(5721, 420.0))
     assert not result.violations, result.violations[0].text
 
 

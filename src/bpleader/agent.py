@@ -827,11 +827,30 @@ class Agent:
     def _node_record(self, o: Observation) -> NodeRecord:
         return NodeRecord(
             node=self.cfg.node, role=self.role.value, in_sync=o.sync.in_sync,
-            head_block_num=o.info.head_block_num if o.info else 0,
+            head_block_num=self._record_head(o),
             lag=round(o.sync.lag, 3) if o.sync.lag is not None else None,
             lib_lag=self._lib_lag(o.info), fence_at=self._fence_at(o),
             paused=o.paused, version=__version__, updated=round(o.wall, 3),
             **self._finalizer_fields())
+
+    def _record_head(self, o: Observation) -> int:
+        """The head our record shows: nodeos's, and while we may sign (the record is
+        also our last record) never below a height we may have signed by now.
+
+        A successor bounds a vanished leader from its last record: a head of 0 written
+        while nodeos did not answer (hung, or killed by the guard), or a head a reorg
+        took our newest blocks off, would let it resume below our private branch.
+        """
+        head = o.info.head_block_num if o.info else 0
+        own_h, own_t = self._own_high
+        if not (self._armed and self._resume_sent and own_h):
+            return head
+        if o.info is not None:
+            return max(head, own_h)
+        # Unobserved since our newest block: count every slot until it stopped or now.
+        stop = o.wall if self._own_stopped_at is None else min(o.wall, self._own_stopped_at)
+        unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
+        return max(unseen, self._record.head_block_num if self._record else 0)
 
     # ------------------------------------------------------------- continuity
 

@@ -131,6 +131,14 @@ class NoContinuityAgent(Agent):
         return True
 
 
+class NodeosHeadRecordAgent(Agent):
+    """Its last record shows nodeos's head only: 0 while nodeos does not answer, the
+    winning branch's head after a reorg took its own newest blocks off (seed 5721)."""
+
+    def _record_head(self, o: Observation) -> int:
+        return o.info.head_block_num if o.info else 0
+
+
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
@@ -145,6 +153,7 @@ AGENTS: dict[str, AgentFactory] = {
     "no-takeover-delay-no-slot-wait": NoTakeoverDelayNoSlotWaitAgent,
     "no-key-switch": NoKeySwitchAgent,
     "shared-bls-key": SharedKeyAgent,
+    "nodeos-head-record": NodeosHeadRecordAgent,
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
