@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from bpleader.simworld import Faults, Scenario, simulate
-from bpleader.simworld.runner import explore
+from bpleader.simworld.runner import Job, explore, run_jobs
 from bpleader.simworld.variants import AGENTS
 
 SUITE_SEEDS = range(0, 40)  # about 30 s on two cores
@@ -73,8 +73,8 @@ CAUGHT_BY = {"no-key-switch": {"liveness"}}
 
 
 # Checked on the seed that found them instead: the shared key (its own test below) and
-# a last record showing nodeos's head only (seed 5721).
-ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record"}
+# the two forms of a last record's head (REGRESSIONS).
+ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
@@ -113,15 +113,26 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
     assert not result.violations, result.violations[0].text
 
 
-def test_a_last_record_never_shows_less_than_its_leader_may_have_signed() -> None:
-    """Seed 5721: a leader cut from p2p signed on a private branch; its guard killed
-    nodeos, and its next record, kept as its last, showed head 0. The successor's bound
-    came from that record and it re-signed a height of the private branch. The agent
-    whose record shows nodeos's head only still does so; the real agent does not."""
-    weakened = explore([5721], 420.0, "nodeos-head-record", jobs=1)
-    assert any(v.kind == "double-production" for r in weakened for v in r.violations)
-    result = simulate(Scenario.explore(5721, 420.0))
-    assert not result.violations, result.violations[0].text
+# Seeds the long runs found after the suite's seeds passed, each with the weakened agent
+# that undoes its fix (it must still fail there) and the real agent (it must not):
+# * 5721: a leader cut from p2p signed on a private branch; its guard killed nodeos and
+#   its next record, kept as its last, showed head 0, so the successor re-signed a
+#   height of that branch. A record now never shows less than the leader may have signed.
+# * 5212: the first form of that fix counted every slot of a 16 s agent freeze as
+#   signed, though the guard had paused nodeos at once; the successor waited for heights
+#   the chain never reached. The count now stops where the fences paused nodeos.
+REGRESSIONS = [(5721, 420.0, "nodeos-head-record", "double-production"),
+               (5212, 720.0, "unfenced-record", "liveness")]
+
+
+def test_the_seeds_the_long_runs_found_stay_fixed() -> None:
+    jobs = [Job(seed, seconds, agent, 400) for seed, seconds, weakened, _ in REGRESSIONS
+            for agent in (weakened, "real")]
+    kinds = {(job.seed, job.agent): {v.kind for v in r.violations}
+             for job, r in zip(jobs, run_jobs(jobs, JOBS), strict=True)}
+    for seed, _, weakened, kind in REGRESSIONS:
+        assert kind in kinds[seed, weakened], f"seed {seed}: {weakened} no longer fails"
+        assert not kinds[seed, "real"], f"seed {seed}: {kinds[seed, 'real']}"
 
 
 def _resumes(result: object) -> int:

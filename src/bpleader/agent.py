@@ -228,6 +228,7 @@ class Agent:
         # When nodeos was last known to have stopped signing (a confirmed pause, or
         # connections refused) since our newest block: nothing signed after that.
         self._own_stopped_at: float | None = None
+        self._pause_at: float | None = None  # when our fences pause nodeos (Clock.now)
         self._unconfirmed_since: float | None = None
         self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
         self._blocked_by = ""  # the unfenced node we last reported waiting for
@@ -847,10 +848,25 @@ class Agent:
             return head
         if o.info is not None:
             return max(head, own_h)
-        # Unobserved since our newest block: count every slot until it stopped or now.
-        stop = o.wall if self._own_stopped_at is None else min(o.wall, self._own_stopped_at)
+        # Unobserved since our newest block: count every slot until it stopped, or our
+        # fences paused it, or now.
+        stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
         unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
         return max(unseen, self._record.head_block_num if self._record else 0)
+
+    def _fenced_by(self, o: Observation) -> float:
+        """The wall time our fences have paused nodeos by, with the block begun then.
+
+        The same trust a successor puts in our record's ``fence_at``: a pause the fences
+        cannot confirm is marked unfenced, or ends in the guard's kill command. Without
+        this bound an agent thawed after a long freeze counts every slot of the freeze
+        as signed, and its successor waits for heights the chain never reaches in our
+        round (seed 5212).
+        """
+        if self._pause_at is None:
+            return math.inf
+        return o.wall + self._pause_at - o.now + self.cfg.nodeos_timeout + BLOCK_INTERVAL \
+            + CLOCK_MARGIN
 
     # ------------------------------------------------------------- continuity
 
@@ -1020,7 +1036,8 @@ class Agent:
     def _arm(self) -> None:
         self._armed = self._produced = True
         if self.session.deadline is not None:
-            self.fencer.arm(self.session.deadline - self.cfg.fence_guard)
+            self._pause_at = self.session.deadline - self.cfg.fence_guard
+            self.fencer.arm(self._pause_at)
 
     def _disarm(self) -> None:
         if self._armed:
@@ -1032,7 +1049,8 @@ class Agent:
         lease = self.session.lease
         if self._armed and self._me is not None and lease is not None \
                 and lease.id == self._me.lease_id:
-            self.fencer.arm(deadline - self.cfg.fence_guard)
+            self._pause_at = deadline - self.cfg.fence_guard
+            self.fencer.arm(self._pause_at)
 
     # ---------------------------------------------------------------- logging
 

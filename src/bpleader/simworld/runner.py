@@ -45,9 +45,15 @@ def run_job(job: Job) -> Result:
 def explore(seeds: Iterable[int], duration: float, agent: str = "real", jobs: int = 1,
             keep_trace: int | None = 400, deadline: float = math.inf,
             kill_fence: bool = True, savanna: bool = True) -> Iterator[Result]:
-    """Results as they come (in any order when ``jobs`` > 1); no seed is started after
-    ``deadline`` (time.monotonic()), the ones running are finished."""
+    """Results in the order of the seeds, ``jobs`` seeds at a time; no seed is started
+    after ``deadline`` (time.monotonic()), the ones running are finished."""
     work = (Job(seed, duration, agent, keep_trace, kill_fence, savanna) for seed in seeds)
+    return run_jobs(work, jobs, deadline)
+
+
+def run_jobs(work: Iterable[Job], jobs: int = 1,
+             deadline: float = math.inf) -> Iterator[Result]:
+    """:func:`explore` for any mix of seeds and agents."""
     if jobs <= 1:
         for job in work:
             if time.monotonic() >= deadline:

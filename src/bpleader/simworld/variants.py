@@ -1,12 +1,16 @@
-"""The agents a simulation can run: the real one, and copies with one safety layer removed.
+"""The agents a simulation can run: the real one, and copies with one safety layer removed
+(or one bound undone).
 
 The weakened agents exist to show that the simulation finds bugs: each must lead to a
-double production within a bounded number of seeds (tests/test_simworld.py). Each one
+violation within a bounded number of seeds, or on the seed that found it
+(tests/test_simworld.py). Each one
 overrides as little as possible of :class:`bpleader.agent.Agent`, so that the rest of the
 production state machine keeps running as it is.
 """
 
 from __future__ import annotations
+
+import math
 
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
@@ -139,6 +143,14 @@ class NodeosHeadRecordAgent(Agent):
         return o.info.head_block_num if o.info else 0
 
 
+class UnfencedRecordAgent(Agent):
+    """Its last record counts every slot as signed until nodeos is seen stopped, as if
+    its fences had never paused it (seed 5212: a successor waits forever)."""
+
+    def _fenced_by(self, o: Observation) -> float:
+        return math.inf
+
+
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
@@ -154,6 +166,7 @@ AGENTS: dict[str, AgentFactory] = {
     "no-key-switch": NoKeySwitchAgent,
     "shared-bls-key": SharedKeyAgent,
     "nodeos-head-record": NodeosHeadRecordAgent,
+    "unfenced-record": UnfencedRecordAgent,
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
