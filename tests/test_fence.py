@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bpleader.clock import boottime
+from bpleader.fence import GuardProcess
 from bpleader.guard import pause_confirmed, post
 from bpleader.sim import SimCluster
 from harness import CHAIN, PRODUCER, wait_for
@@ -135,3 +136,25 @@ def test_the_guards_http_reads_each_framing(reply: bytes, expected: tuple[int, b
 def test_only_a_json_true_confirms_a_pause(reply: bytes, reason: str) -> None:
     ok, why = pause_confirmed(_replying(reply), 0.5, 0.05)
     assert not ok and why.startswith(reason), why
+
+
+def test_the_guard_is_given_the_url_but_shows_it_redacted(sim: SimCluster) -> None:
+    node = sim.node("bp-a")
+    assert node.producing
+    secret = "n0de0s-pa55"
+    url = node.url.replace("http://", f"http://op:{secret}@")
+    guard_proc = GuardProcess(url, 0.2, 0.2, "bp-a")
+    guard_proc.start()
+    try:
+        guard_proc.arm(boottime())
+        wait_for(lambda: node.paused, 5, what="the guard's pause with the real URL")
+        assert guard_proc._proc is not None
+        cmdline = Path(f"/proc/{guard_proc._proc.pid}/cmdline").read_bytes()
+        assert secret.encode() not in cmdline and b"op:***@" in cmdline
+    finally:
+        guard_proc.disarm()
+        guard_proc.stop()
+    out = subprocess.run([sys.executable, "-c", "import sys; from bpleader.fence import "
+                          "fence_command; sys.exit(fence_command(sys.argv[1], 0.2, 0.3))",
+                          url.rsplit(":", 1)[0] + ":1"], capture_output=True, text=True)
+    assert out.returncode == 1 and "op:***@" in out.stderr and secret not in out.stderr

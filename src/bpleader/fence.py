@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bpleader.clock import boottime
-from bpleader.guard import pause_confirmed
+from bpleader.config import redact_url
+from bpleader.guard import GUARD_URL_ENV, pause_confirmed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ class GuardProcess:
 
     def __init__(self, url: str, timeout: float, check_interval: float, node: str,
                  kill_command: str | None = None) -> None:
-        self._argv = [sys.executable, "-m", "bpleader.guard", "--url", url,
+        # The URL goes in the environment: a process list shows the command line to
+        # every local user, so it only shows the URL with its password redacted.
+        self._env = {**os.environ, GUARD_URL_ENV: url}
+        self._argv = [sys.executable, "-m", "bpleader.guard", "--url", redact_url(url),
                       "--timeout", str(timeout), "--check-interval", str(check_interval),
                       "--node", node]
         if kill_command:
@@ -99,7 +103,8 @@ class GuardProcess:
     def _spawn(self) -> None:
         # Its own session: a terminal's Ctrl-C or a SIGSTOP sent to the agent's process
         # group must not reach the guard.
-        self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, start_new_session=True)
+        self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, env=self._env,
+                                      start_new_session=True)
 
     def _send(self, line: str) -> None:
         with self._lock:
@@ -170,9 +175,11 @@ def kill_guards(nodeos_urls: set[str]) -> None:
 def fence_command(url: str, timeout: float, budget: float) -> int:
     """``bpleader fence``: exit 0 only when nodeos confirms it is paused."""
     ok, reason = pause_confirmed(url, timeout, budget)
+    shown = redact_url(url)
     if ok:
-        print(f"nodeos at {url} is paused (confirmed)")
+        print(f"nodeos at {shown} is paused (confirmed)")
         return 0
-    print(f"error: could not confirm that nodeos at {url} is paused: {reason}", file=sys.stderr)
+    print(f"error: could not confirm that nodeos at {shown} is paused: {reason}",
+          file=sys.stderr)
     return 1
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # An orphaned guard (its agent died) retries an unconfirmed pause this long, then exits:
 # systemd's ExecStopPost fence and the restarted agent take over from there.
 GIVE_UP_AFTER = 60.0
+GUARD_URL_ENV = "BPLEADER_GUARD_URL"  # the nodeos URL, credentials and all (not in argv)
 MAX_REPLY = 1 << 16  # a pause or paused reply is a few bytes; more is not nodeos
 
 
@@ -192,13 +193,16 @@ def guard_main(argv: list[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="python -m bpleader.guard",
                                 description="bpleader's dead-man guard (started by the agent)")
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True,
+                   help=f"nodeos URL as shown (its password redacted); ${GUARD_URL_ENV}, "
+                        "when set, is the one used")
     p.add_argument("--timeout", type=float, default=0.5)
     p.add_argument("--check-interval", type=float, default=0.5)
     p.add_argument("--node", default="")
     p.add_argument("--kill-command", default="",
                    help="run once per deadline when nodeos does not confirm the pause")
     args = p.parse_args(argv)
+    args.url = os.environ.get(GUARD_URL_ENV) or args.url
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s bpleader-guard %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
