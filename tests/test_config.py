@@ -8,7 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpleader.config import ConfigError, check_config_main, load_config, parse_config
+from bpleader.config import (
+    ConfigError,
+    check_config_main,
+    load_config,
+    parse_config,
+    redact_url,
+)
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "bpleader.example.toml"
 BASE: dict[str, Any] = {"node": {"name": "bp-a", "producer": "mybp"},
@@ -55,6 +61,8 @@ def test_keepalive_defaults_to_a_fifth_of_the_ttl() -> None:
     ("etcd", {"ca_cert": "/nonexistent"}, "etcd.ca_cert"),
     ("etcd", {"colour": "blue"}, "etcd.colour"),
     ("metrics", {"listen": "nope"}, "metrics.listen"),
+    ("notify", {"timeout": 0}, "notify.timeout"),
+    ("notify", {"max_time": 1.0}, "notify.max_time"),
     ("bogus", {"x": 1}, "[bogus]"),
 ])
 def test_each_rule_names_the_field(section: str, values: dict[str, Any], field: str) -> None:
@@ -116,3 +124,25 @@ def test_arbitrary_input_only_raises_config_error(data: dict[str, Any]) -> None:
         parse_config(data, {})
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("etcd, nodeos, shown", [
+    # Valid: the warning about a nodeos API beyond localhost, and the effective config.
+    ('"http://u:{secret}@x:1"', "http://op:{secret}@10.0.0.5:8888", "op:***@10.0.0.5:8888"),
+    # Invalid: the error naming the endpoint.
+    ('"ftp://u:{secret}@y"', "http://127.0.0.1:8888", "ftp://u:***@y"),
+])
+def test_a_password_in_a_url_is_never_shown(tmp_path: Path, etcd: str, nodeos: str,
+                                             shown: str) -> None:
+    secret = "pa55w0rd-in-url"
+    path = tmp_path / "a.toml"
+    path.write_text(f'[node]\nname="bp-a"\nproducer="mybp"\n[etcd]\n'
+                    f'endpoints=[{etcd.format(secret=secret)}]\n'
+                    f'[nodeos]\nurl="{nodeos.format(secret=secret)}"\n')
+    path.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    check_config_main(str(path), out, err)
+    text = out.getvalue() + err.getvalue()
+    assert secret not in text
+    assert shown in text  # the rest of the URL is still there to read
+    assert redact_url("unix:///run/nodeos.sock") == "unix:///run/nodeos.sock"

@@ -37,6 +37,7 @@ REQUIRED = {
     "bpleader_etcd_errors_total": "counter",
     "bpleader_nodeos_request_duration_seconds": "histogram",
     "bpleader_info": "gauge",
+    "bpleader_etcd_rejected_entries": "gauge",
 }
 
 
@@ -118,6 +119,19 @@ def test_metrics_health_and_leader_of_a_live_agent(world: World, etcd1: EtcdClus
             assert get(base + "/health").status_code == 200
         assert time.monotonic() - t0 < 2.0
         assert get(base + "/health").json()["last_tick_age"] < 2.0
+
+    # An unreadable entry under the prefix is ignored, and the operator is told: once in
+    # the log, and for as long as it stays in the metric.
+    ghost = f"{world.prefix}/{PRODUCER}/nodes/ghost"
+    assert etcd1.etcdctl("put", ghost, "{not json").returncode == 0
+    wait_for(lambda: metrics_with(base, r"^bpleader_etcd_rejected_entries 1\.0$"), 10,
+             what="the rejected entry counted")
+    assert agent.log_text().count("event=etcd_rejected") == 1
+    assert "nodes/ghost: unreadable node record" in agent.log_text()
+    assert etcd1.etcdctl("del", ghost).returncode == 0
+    wait_for(lambda: metrics_with(base, r"^bpleader_etcd_rejected_entries 0\.0$"), 10,
+             what="the rejected entry gone")
+    assert get(base + "/leader").status_code == 200  # a bad entry changes nothing else
 
     # etcd gone: the leader fences itself; /health says why, /leader stops answering 200.
     etcd1.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bpleader.agent import AgentEvent, Role
-from bpleader.config import check_config_main
+from bpleader.config import NotifyConfig, check_config_main
 from bpleader.notify import (
     AgentEvents,
     Notifier,
@@ -198,7 +198,7 @@ def test_check_config_redacts_notify_secrets(tmp_path: Path) -> None:
     assert "sEcReTtOkEn" not in text and ROUTING_KEY not in text
     notify = json.loads(out.getvalue())["notify"]
     assert notify == {"slack_webhook": "***", "webhook_url": "***",
-                      "pagerduty_routing_key": "***"}
+                      "pagerduty_routing_key": "***", "timeout": 5.0, "max_time": 30.0}
 
 
 def test_state_alarms_trigger_after_the_grace_and_resolve_once() -> None:
@@ -236,3 +236,20 @@ def test_state_alarms_trigger_after_the_grace_and_resolve_once() -> None:
         ("resolve", "bpleader/mybp/no_in_sync_node")]
     assert pd[0]["payload"]["severity"] == "error"
     assert pd[2]["payload"]["severity"] == "critical"
+
+
+def test_notify_timeouts_come_from_the_config() -> None:
+    """``notify.timeout`` bounds each attempt, ``notify.max_time`` all of them: a hung
+    webhook costs the event, counted, after about max_time."""
+    with HookServer(Hook(mode="hang")) as srv:
+        cfg = NotifyConfig(webhook_url=srv.url, timeout=0.2, max_time=0.5)
+        n = Notifier.from_config(cfg, "bp-a", "mybp", attempts=100, backoff=0.01)
+        assert (n.timeout, n.max_time) == (0.2, 0.5)
+        n.start()
+        t0 = time.monotonic()
+        n.event("fence", "bp-a", "leader", "hung", "warning")
+        wait_for(lambda: n.stats()["webhook"].failed == 1, 5, what="the event given up")
+        took = time.monotonic() - t0
+        n.stop(drain=0.1)
+    assert 0.4 <= took < 2.0, took
+    assert 2 <= len(srv.hook.received) <= 5  # attempts of 0.2 s within 0.5 s, not 100

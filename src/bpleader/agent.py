@@ -215,6 +215,7 @@ class Agent:
         # For a switchover to "any node": were we the leader when the request appeared?
         # Only that leader hands over; whoever leads next clears the request.
         self._last_switchover: str | None = None
+        self._rejected: tuple[str, ...] = ()  # entries of the last snapshot we ignored
         self._switchover_from_me = False
         self._prev_leader_head = 0
         self._peer_head = 0  # highest head another live, in-sync node reports right now
@@ -774,6 +775,11 @@ class Agent:
         snap = self._ok(snap_r, Snapshot)
         sync = self.sync.observe(wall, now, info,
                                  info_r if isinstance(info_r, NodeosError) else None)
+        if snap is not None and snap.rejected != self._rejected:
+            self._rejected = snap.rejected
+            if snap.rejected:
+                self._log("etcd_rejected", f"{len(snap.rejected)} entries under the prefix "
+                          f"ignored: {'; '.join(snap.rejected)[:300]}", logging.WARNING)
         if snap is not None and snap.switchover != self._last_switchover:
             self._last_switchover = snap.switchover
             self._switchover_from_me = snap.switchover == "" and self.role == Role.LEADER

@@ -7,7 +7,6 @@ suspend, and the deterministic simulation can run the very same core on virtual 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
@@ -53,4 +52,6 @@ class SystemClock:
         return time.time()
 
     async def sleep(self, seconds: float) -> None:
+        import asyncio  # here, not at the top: the guard process imports boottime only
+
         await asyncio.sleep(max(0.0, seconds))

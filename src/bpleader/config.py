@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 SECRETS = {("etcd", "password"), ("notify", "slack_webhook"), ("notify", "webhook_url"),
            ("notify", "pagerduty_routing_key")}
@@ -129,6 +129,9 @@ class NotifyConfig:
     webhook_url: str | None = _doc(None, "generic JSON webhook URL; secret", secret=True)
     pagerduty_routing_key: str | None = _doc(None, "PagerDuty Events v2 routing key; "
                                                    "secret", secret=True)
+    timeout: float = _doc(5.0, "seconds per delivery attempt (connect and reply)")
+    max_time: float = _doc(30.0, "seconds one event may take over all its attempts before "
+                                 "it is dropped (and counted); at least notify.timeout")
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -155,6 +158,10 @@ class Config:
             for name in values:
                 if (section, name) in SECRETS and values[name] is not None:
                     values[name] = "***"
+                elif (section, name) == ("nodeos", "url"):
+                    values[name] = redact_url(values[name])
+                elif (section, name) == ("etcd", "endpoints"):
+                    values[name] = [redact_url(u) for u in values[name]]
                 elif isinstance(values[name], tuple):
                     values[name] = list(values[name])
             out[section] = values
@@ -256,6 +263,19 @@ ACCOUNT = re.compile(r"^[a-z1-5.]{1,12}$")
 NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password in it, if any, shown as ``***``: URLs are logged and
+    printed (and appear in process lists), their credentials must not be."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "(unparsable URL not shown)"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(url)
@@ -281,7 +301,7 @@ def _validate(c: Config) -> list[str]:
         e.append("etcd.endpoints: required, a non-empty list of http(s)://host:port")
     for ep in et.endpoints:
         if not _url_ok(ep, ("http", "https")):
-            e.append(f"etcd.endpoints: {ep!r} is not an http(s)://host:port URL")
+            e.append(f"etcd.endpoints: {redact_url(ep)!r} is not an http(s)://host:port URL")
     if not et.prefix.startswith("/") or et.prefix.endswith("/"):
         e.append(f"etcd.prefix = {et.prefix!r}: must start with '/' and not end with '/'")
     if (et.username is None) != (et.password is None):
@@ -295,7 +315,8 @@ def _validate(c: Config) -> list[str]:
         if path is not None and not _readable(path):
             e.append(f"etcd.{name} = {path!r}: file missing or unreadable")
     if not (no.url.startswith("unix:///") or _url_ok(no.url, ("http", "https"))):
-        e.append(f"nodeos.url = {no.url!r}: must be http(s)://host[:port] or unix:///path")
+        e.append(f"nodeos.url = {redact_url(no.url)!r}: must be http(s)://host[:port] or "
+                 "unix:///path")
     if no.timeout <= 0:
         e.append(f"nodeos.timeout = {no.timeout}: must be > 0")
     if no.max_head_lag <= 0:
@@ -342,6 +363,11 @@ def _validate(c: Config) -> list[str]:
         value = getattr(c.notify, name)
         if value is not None and not _url_ok(value, ("http", "https")):
             e.append(f"notify.{name}: must be an http(s) URL (value not shown: secret)")
+    if not 0 < c.notify.timeout <= 60:
+        e.append(f"notify.timeout = {c.notify.timeout}: must be > 0 and <= 60 seconds")
+    if c.notify.max_time < c.notify.timeout or c.notify.max_time > 3600:
+        e.append(f"notify.max_time = {c.notify.max_time}: must be at least notify.timeout "
+                 f"({c.notify.timeout:g}) and at most 3600 seconds")
     return e
 
 
@@ -479,8 +505,8 @@ def is_local_host(host: str | None) -> bool:
 def warnings(c: Config) -> list[str]:
     out = []
     if not (c.nodeos.url.startswith("unix://") or is_local_host(urlsplit(c.nodeos.url).hostname)):
-        out.append(f"nodeos.url {c.nodeos.url} is not local: the producer API must never "
-                   "be exposed beyond localhost")
+        out.append(f"nodeos.url {redact_url(c.nodeos.url)} is not local: the producer API "
+                   "must never be exposed beyond localhost")
     if not is_local_host(c.metrics.listen.rpartition(":")[0]):
         out.append(f"metrics listen on {c.metrics.listen}, beyond loopback")
     if c.source:

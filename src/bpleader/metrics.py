@@ -58,6 +58,11 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("bpleader_lease_remaining_seconds",
                                 "Seconds of lease the agent can count on (0 without one).",
                                 value=max(0.0, left))
+        rejected = len(last.snap.rejected) if last is not None and last.snap else 0
+        yield GaugeMetricFamily("bpleader_etcd_rejected_entries", "Entries under the "
+                                "producer's prefix the last etcd read ignored as unreadable "
+                                "or oversized (logged as event=etcd_rejected).",
+                                value=rejected)
         counters: list[tuple[str, str, float]] = [
             ("bpleader_role_transitions", "Role changes.", stats.transitions),
             ("bpleader_leader_transitions", "Times this agent became or stopped being leader.",

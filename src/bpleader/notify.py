@@ -339,7 +339,8 @@ class Notifier:
             sinks.append(WebhookSink(cfg.webhook_url))
         if cfg.pagerduty_routing_key:
             sinks.append(PagerDutySink(cfg.pagerduty_routing_key))
-        return cls(sinks, node=node, producer=producer, **kwargs)
+        return cls(sinks, node=node, producer=producer, timeout=cfg.timeout,
+                   max_time=cfg.max_time, **kwargs)
 
     @property
     def sink_names(self) -> list[str]:

@@ -16,8 +16,9 @@ import sys
 from bpleader.agent import Agent, AgentSettings
 from bpleader.clock import SystemClock, boottime
 from bpleader.config import Config
-from bpleader.fence import Fences, GuardProcess, ThreadFence, pause_confirmed
+from bpleader.fence import Fences, GuardProcess, ThreadFence
 from bpleader.finalizer import CommandSwitcher, KeySwitcher, TransactionSwitcher, read_signing_key
+from bpleader.guard import pause_confirmed
 from bpleader.metrics import Metrics
 from bpleader.nodeos import FinalityRule, NodeosClient, SyncEvaluator
 from bpleader.notify import AgentEvents, Notifier, NotifierCollector

@@ -1,7 +1,7 @@
 """The simulated guard: the :class:`bpleader.agent.Fencer` of one agent process.
 
 It stands for production's fence thread and guard process together, and behaves as the
-guard (:func:`bpleader.fence.guard_main`): from the armed time on (on the host's clock)
+guard (:func:`bpleader.guard.guard_main`): from the armed time on (on the host's clock)
 it reads ``paused`` every check interval and pauses, confirmed, whenever nodeos is not
 paused, until it is re-armed later or disarmed. It runs on the world's loop, outside the
 agent process: freezing the agent does not freeze it, and when the agent dies an armed
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from bpleader.fence import GIVE_UP_AFTER
+from bpleader.guard import GIVE_UP_AFTER
 from bpleader.nodeos import NodeosError
 from bpleader.simworld.clocks import HostClock
 from bpleader.simworld.loop import SimLoop
@@ -97,7 +97,7 @@ class SimGuard:
                     self.trace.add(self.name, "guard gave up: pause never confirmed")
                     self._exit()
                     return
-                # Always an explicit pause, as bpleader.fence.guard_main: an implicit
+                # Always an explicit pause, as bpleader.guard.guard_main: an implicit
                 # pause reads true and lifts by itself.
                 self.fired += 1
                 confirmed = await self._pause_confirmed(max(self.timeout * 4, 1.0))
