@@ -695,9 +695,21 @@ class Agent:
             self._nodeos_error(exc)
             last = self.last.info.head_block_num if self.last and self.last.info else 0
             return max(last, own_bound)
-        if info.head_block_producer == self.cfg.producer and info.head_block_num >= own_h:
+        if info.head_block_producer == self.cfg.producer and info.head_block_num >= own_h \
+                and self._extends(info, own_h, own_t):
             return info.head_block_num  # our last block is our head: exact
         return max(info.head_block_num, own_bound)
+
+    @staticmethod
+    def _extends(info: ChainInfo, own_h: int, own_t: float) -> bool:
+        """Whether the head is our newest block seen, or one block per slot after it.
+
+        Anything else may be a reorg: our nodeos switched to the network's branch and
+        signed again at heights it had signed on its own branch, in blocks we never saw
+        (seed 6412: #922 and #923 lost, then #921 re-signed, read as an exact head #921).
+        """
+        slots = round((info.head_block_time - own_t) / BLOCK_INTERVAL)
+        return not own_h or slots == info.head_block_num - own_h
 
     async def _wait_slot_end(self) -> float:
         """Sleep until the slot now running has ended on every clock; returns that end."""

@@ -143,9 +143,19 @@ class NodeosHeadRecordAgent(Agent):
         return o.info.head_block_num if o.info else 0
 
 
-class UnfencedRecordAgent(Agent):
+class HeadIsExactAgent(Agent):
+    """Its handover head is nodeos's head whenever that head is its own block, even when
+    a reorg re-signed a height below its lost branch (seed 6412)."""
+
+    @staticmethod
+    def _extends(info: ChainInfo, own_h: int, own_t: float) -> bool:
+        return True
+
+
+class UnfencedRecordAgent(HeadIsExactAgent):
     """Its last record counts every slot as signed until nodeos is seen stopped, as if
-    its fences had never paused it (seed 5212: a successor waits forever)."""
+    its fences had never paused it (seed 5212: a successor waits forever). The later
+    handover fix (seed 6412) is undone too, so that the seed takes the path it found."""
 
     def _fenced_by(self, o: Observation) -> float:
         return math.inf
@@ -167,6 +177,7 @@ AGENTS: dict[str, AgentFactory] = {
     "shared-bls-key": SharedKeyAgent,
     "nodeos-head-record": NodeosHeadRecordAgent,
     "unfenced-record": UnfencedRecordAgent,
+    "head-is-exact": HeadIsExactAgent,
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
