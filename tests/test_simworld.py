@@ -8,12 +8,15 @@ number of seeds.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from bpleader.simworld import Faults, Scenario, simulate
 from bpleader.simworld.runner import Job, explore, run_jobs
+from bpleader.simworld.runner import main as runner_main
 from bpleader.simworld.variants import AGENTS
 
 SUITE_SEEDS = range(0, 40)  # about 30 s on two cores
@@ -158,3 +161,30 @@ def test_one_bls_key_on_two_nodes_is_refused_and_the_weakened_agent_is_caught() 
         if any(v.kind == "shared-key" for v in result.violations) and _resumes(result):
             return
     pytest.fail("shared-bls-key: no node ever led with a shared BLS key")
+
+
+def test_a_long_run_resumes_from_its_summary_and_never_mixes_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The million node-hours are reached across many runs: each run adds to one summary
+    file, skips the seeds already in it, and refuses a file other code or other
+    parameters wrote (their seeds would not count for this code)."""
+    path = tmp_path / "run.json"
+    args = ["--hours", "0.005", "--summary", str(path)]
+    assert runner_main(["--seeds", "2", *args]) == 0
+    assert runner_main(["--seeds", "3", *args]) == 0  # resumes: only seed 2 is new
+    out = capsys.readouterr().out
+    assert out.count("\nseeds: 1\n") == 1, out
+    data = json.loads(path.read_text())
+    assert data["done"] == [[0, 2]] and data["seeds"] == 3
+    assert data["sim_hours"] == pytest.approx(3 * 18.0 / 3600) and data["node_hours"] > 0
+    assert runner_main(["--seeds", "3", "--hours", "0.01", "--summary", str(path)]) == 2
+    assert "seconds_per_seed 18.0 there, 36.0 here" in capsys.readouterr().err
+    path.write_text(path.read_text().replace(data["code"], "0" * 16))
+    assert runner_main(["--seeds", "4", *args]) == 2
+    assert "written by other code" in capsys.readouterr().err
+    # A failing seed is kept with its kind, so a resumed run still reports it.
+    failing = tmp_path / "variant.json"
+    assert runner_main(["--seeds", "1", "--hours", "0.005", "--agent", "shared-bls-key",
+                        "--summary", str(failing)]) == 1
+    assert json.loads(failing.read_text())["failing"][0] == {
+        "seed": 0, "kind": "shared-key", "time": 0.0}

@@ -11,10 +11,12 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.pool import AsyncResult
+from pathlib import Path
 from typing import TextIO
 
 from bpleader.simworld.faults import FaultScheduler
 from bpleader.simworld.scenario import Scenario
+from bpleader.simworld.summary import RunParams, Summary, SummaryError, code_digest
 from bpleader.simworld.variants import AGENTS, SCENARIOS
 from bpleader.simworld.world import Result, World
 
@@ -134,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="print the whole trace (replay)")
     p.add_argument("--wall-limit", type=float, default=0.0,
                    help="stop starting seeds after this many wall seconds")
+    p.add_argument("--summary", type=Path, metavar="FILE",
+                   help="keep a running total in FILE (JSON, rewritten after each seed): "
+                        "seeds already in it are skipped, so the same command resumes a "
+                        "stopped run and a larger --seeds extends it; refused when FILE was "
+                        "written by other code or other parameters")
     args = p.parse_args(argv)
     duration = args.hours * 3600.0
     out = sys.stdout
@@ -147,13 +154,31 @@ def main(argv: list[str] | None = None) -> int:
         print_result(result, out, args.trace)
         totals.add(result)
     else:
-        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        summary = None
+        if args.summary is not None:
+            params = RunParams(duration, args.agent, not args.legacy, not args.no_kill_fence)
+            try:
+                summary = Summary.open(args.summary, params, code_digest())
+            except SummaryError as e:
+                sys.stderr.write(f"error: --summary: {e}\n")
+                return 2
+        seeds = [s for s in range(args.first_seed, args.first_seed + args.seeds)
+                 if summary is None or not summary.is_done(s)]
         deadline = started + args.wall_limit if args.wall_limit else math.inf
+        last = started
         for result in explore(seeds, duration, args.agent, args.jobs, deadline=deadline,
                               kill_fence=not args.no_kill_fence, savanna=not args.legacy):
             totals.add(result)
             print_result(result, out, False)
+            if summary is not None:
+                now = time.monotonic()
+                summary.wall_seconds += now - last
+                last = now
+                summary.add(result)
+                summary.save(args.summary)
             out.flush()
+        if summary is not None:
+            out.write("\n" + summary.describe() + "\n")
     print_totals(totals, time.monotonic() - started, out)
     return 1 if totals.violations else 0
 
