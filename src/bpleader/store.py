@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -44,16 +45,19 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class Keys:
-    """The key layout under ``{prefix}/{producer}/`` (see DESIGN.md), in one place."""
+    """The key layout under ``{prefix}/{producer}/`` (see DESIGN.md), in one place.
+
+    The fixed keys are computed once per instance: every snapshot matches each key it
+    reads against them."""
 
     prefix: str
     producer: str
 
-    @property
+    @cached_property
     def root(self) -> str:
         return f"{self.prefix}/{self.producer}/"
 
-    @property
+    @cached_property
     def election(self) -> str:
         return f"{self.root}election/"
 
@@ -61,25 +65,29 @@ class Keys:
         # Same naming as etcd's concurrency.Election, so `etcdctl elect -l` understands it.
         return f"{self.election}{lease_id:x}"
 
-    def node(self, name: str) -> str:
-        return f"{self.root}nodes/{name}"
+    @cached_property
+    def nodes(self) -> str:
+        return f"{self.root}nodes/"
 
-    @property
+    def node(self, name: str) -> str:
+        return f"{self.nodes}{name}"
+
+    @cached_property
     def switchover(self) -> str:
         return f"{self.root}switchover"
 
-    @property
+    @cached_property
     def maintenance(self) -> str:
         return f"{self.root}maintenance"
 
-    @property
+    @cached_property
     def handovers(self) -> str:
         return f"{self.root}handover/"
 
     def handover(self, node: str) -> str:
         return f"{self.handovers}{node}"
 
-    @property
+    @cached_property
     def lasts(self) -> str:
         return f"{self.root}last/"
 
@@ -88,7 +96,7 @@ class Keys:
         agent, so the next leader knows how far that one may have signed."""
         return f"{self.lasts}{node}"
 
-    @property
+    @cached_property
     def unfenced(self) -> str:
         return f"{self.root}unfenced/"
 
@@ -231,6 +239,17 @@ class Snapshot:
         return next((c for c in self.candidates if c.key == key), None)
 
 
+@lru_cache(maxsize=256)
+def _record(node: str, raw: bytes, lease_id: int = 0) -> NodeRecord:
+    """:meth:`NodeRecord.parse`, remembered: most records are read again unchanged (the
+    last records, a stopped node's, every record once per agent in the simulation)."""
+    return NodeRecord.parse(node, raw, lease_id)
+
+
+def _shown(keys: Keys, key: str) -> str:
+    return key[len(keys.root):][:80]
+
+
 def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, int]]) -> Snapshot:
     """Build a :class:`Snapshot` from raw (key, value, create_revision, lease) tuples.
 
@@ -246,40 +265,40 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
         text = value[:MAX_RECORD_BYTES].decode("utf-8", "replace")
-        shown = key[len(keys.root):][:80]
         if len(value) > MAX_RECORD_BYTES:
-            rejected.append(f"{shown}: value of {len(value)} bytes, over {MAX_RECORD_BYTES}")
+            rejected.append(f"{_shown(keys, key)}: value of {len(value)} bytes, "
+                            f"over {MAX_RECORD_BYTES}")
         if key.startswith(keys.election):
             # Any key here is a candidate, as for etcd's own Election: a foreign key
             # with the lowest revision blocks everyone, which is the safe outcome.
             candidates.append(Candidate(key, text[:128], lease_id, create_revision))
             if not _NODE_NAME.fullmatch(text):
-                rejected.append(f"{shown}: election key whose value is not a node name")
-        elif key.startswith(keys.root + "nodes/"):
-            name = key[len(keys.root + "nodes/"):]
-            records[name] = NodeRecord.parse(name, value, lease_id)
+                rejected.append(f"{_shown(keys, key)}: election key whose value is not a node name")
+        elif key.startswith(keys.nodes):
+            name = key[len(keys.nodes):]
+            records[name] = _record(name, value, lease_id)
             if not records[name].valid:
-                rejected.append(f"{shown}: unreadable node record")
+                rejected.append(f"{_shown(keys, key)}: unreadable node record")
         elif key == keys.switchover:
             switchover = text.strip()[:128]
         elif key == keys.maintenance:
             maintenance = text.strip()[:512] or "on"
         elif key.startswith(keys.lasts):
             name = key[len(keys.lasts):]
-            lasts[name] = NodeRecord.parse(name, value)
+            lasts[name] = _record(name, value)
             if not lasts[name].valid:
-                rejected.append(f"{shown}: unreadable last record")
+                rejected.append(f"{_shown(keys, key)}: unreadable last record")
         elif key.startswith(keys.handovers):
             handover = parse_handover(text)
             if handover is None or handover[0] != key[len(keys.handovers):]:
-                rejected.append(f"{shown}: unreadable handover record")
+                rejected.append(f"{_shown(keys, key)}: unreadable handover record")
             else:
                 handovers[handover[0]] = handover[1]
         elif key.startswith(keys.unfenced):
             # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
         else:
-            rejected.append(f"{shown}: unknown key, ignored")
+            rejected.append(f"{_shown(keys, key)}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
     return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
                     handovers, lasts, tuple(rejected))

@@ -67,6 +67,7 @@ class SimEtcd:
         self.kvs: dict[str, KeyValue] = {}
         self.leases: dict[int, LeaseState] = {}
         self.unavailable_until = 0.0
+        self._leader_at: tuple[int, KeyValue | None] = (0, None)  # (revision, lowest key)
 
     # ---------------------------------------------------------------- housekeeping
 
@@ -251,14 +252,18 @@ class SimEtcd:
     def leader(self) -> tuple[str, float] | None:
         """Node name and lease expiry of the lowest election key, as etcd sees it now."""
         self.expire()
-        best: tuple[int, str, float] | None = None
-        for key, kv in self.kvs.items():
-            if key.startswith(self.keys.election) and (best is None or
-                                                       kv.create_revision < best[0]):
-                lease = self.leases.get(kv.lease)
-                best = (kv.create_revision, kv.value.decode(),
-                        lease.expiry if lease else float("inf"))
-        return (best[1], best[2]) if best is not None else None
+        if self._leader_at[0] != self.revision:  # the lowest key only moves with a write
+            best: KeyValue | None = None
+            for key, kv in self.kvs.items():
+                if key.startswith(self.keys.election) and (
+                        best is None or kv.create_revision < best.create_revision):
+                    best = kv
+            self._leader_at = (self.revision, best)
+        lowest = self._leader_at[1]
+        if lowest is None:
+            return None
+        lease = self.leases.get(lowest.lease)  # a keepalive moves the expiry, not the revision
+        return lowest.value.decode(), lease.expiry if lease else float("inf")
 
 
 @dataclass
