@@ -194,6 +194,22 @@ def test_desync_freezes_the_head_until_cleared(tcp_sim: SimCluster) -> None:
     assert abs(info(a.url)["head_block_num"] - info(b.url)["head_block_num"]) <= 1
 
 
+def test_isolate_cuts_a_node_from_p2p_until_cleared(tcp_sim: SimCluster) -> None:
+    """The leader cut from the chain's p2p network (the chaos benchmark's p2p_cut): it
+    keeps signing on a fork of its own, nobody else sees those blocks."""
+    a, b = tcp_sim.node("bp-a"), tcp_sim.node("bp-b")
+    tcp_sim.wait_slots(3)
+    a.set_fault("isolate")
+    cut_at = info(b.url)["head_block_num"]
+    tcp_sim.wait_slots(6)
+    assert info(a.url)["head_block_num"] >= cut_at + 4  # still producing, alone
+    assert info(b.url)["head_block_num"] <= cut_at + 1  # a block in flight at the cut
+    assert a.faults == {"isolate": {}}
+    a.clear_faults("isolate")  # back on the network: the others get its head
+    tcp_sim.wait_slots(2)
+    assert abs(info(a.url)["head_block_num"] - info(b.url)["head_block_num"]) <= 1
+
+
 def test_lag_shows_an_older_head(tcp_sim: SimCluster) -> None:
     a, b = tcp_sim.node("bp-a"), tcp_sim.node("bp-b")
     tcp_sim.wait_slots(3)

@@ -70,7 +70,7 @@ def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
               settle: float, max_hold: float | None = None) -> dict[str, Any]:
     tdir = bed.workdir / f"{scenario.name}-{design_name}-{index}"
     tdir.mkdir(parents=True, exist_ok=True)
-    sim = Sim(bed.net, tdir)
+    sim = Sim(bed.net, tdir, bed.finkey)
     design = DESIGNS[design_name](bed, sim, tdir)
     poller = Poller(sim.control)
     try:
@@ -144,7 +144,7 @@ def steady(bed: Testbed, design_name: str, seconds: float) -> dict[str, Any]:
     """Resource use of a design at rest: CPU and RSS of its processes, etcd load."""
     tdir = bed.workdir / f"steady-{design_name}"
     tdir.mkdir(parents=True, exist_ok=True)
-    sim = Sim(bed.net, tdir)
+    sim = Sim(bed.net, tdir, bed.finkey)
     design = DESIGNS[design_name](bed, sim, tdir)
     try:
         design.start()
@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"1 trial of {', '.join(QUICK)}, short settle, short steady run")
     p.add_argument("--scenarios", default="", help="comma-separated subset")
     p.add_argument("--designs", default="bpleader,keepalived")
+    p.add_argument("--chain", choices=("savanna", "legacy"), default="savanna",
+                   help="a Savanna chain (each agent moves its node's finalizer key; the "
+                        "baseline cannot) or a pre-Savanna one")
     p.add_argument("--steady", type=float, default=60.0,
                    help="seconds of the resource measurement at rest (0: skip)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/chaos/results"))
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         with Network(work) as net:
-            bed = Testbed.create(net, work)
+            bed = Testbed.create(net, work, savanna=args.chain == "savanna")
             for name in names:
                 sc = SCENARIOS[name]
                 for design in designs:
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "meta": {"started": started, "seconds": round(time.time() - started, 1),
                  "trials": trials_n, "quick": args.quick, "scenarios": names,
+                 "chain": args.chain,
                  "timing": FAST_TIMING, "baseline_max_age": BASELINE_MAX_AGE,
                  "scenario_defs": {n: {k: v for k, v in asdict(SCENARIOS[n]).items()
                                        if k in ("title", "duration", "expect_failover",

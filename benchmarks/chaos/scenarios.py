@@ -108,6 +108,10 @@ def _heal_etcd(ctx: Ctx) -> None:
     ctx.net.heal(ctx.state["etcd"])
 
 
+def _isolate(ctx: Ctx) -> None:
+    ctx.sim.fault(ctx.leader, "isolate")
+
+
 def _loss(ctx: Ctx) -> None:
     ctx.net.loss(ctx.leader, 30)
 
@@ -147,6 +151,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _switchover, _after_switchover, 6.0, 1),
     Scenario("etcd_minority", "etcd leader member partitioned (minority)",
              _cut_etcd, _heal_etcd, 8.0, 0, designs=("bpleader",)),
+    Scenario("p2p_cut", "leader's nodeos cut from the chain's p2p network (keeps etcd)",
+             _isolate, _resync, 12.0, 1),
     Scenario("loss30", "30% packet loss on the leader's control link",
              _loss, _heal_leader, 15.0, 0),
     Scenario("flapping", f"leader's control link cut {FLAP_CUT:g} s / up {FLAP_UP:g} s, "

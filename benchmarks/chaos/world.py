@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 from benchmarks.chaos.net import Network, Proc, sh
 
+from bpleader.antelope import new_private_key, public_key_of
+
 PRODUCER = "mybp"
 NODES = ("bp-a", "bp-b")
 ETCD = ("etcd0", "etcd1", "etcd2")
@@ -79,12 +81,16 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class Sim:
     """The nodeos simulator of one trial (root namespace, all addresses)."""
 
-    def __init__(self, net: Network, workdir: Path) -> None:
+    def __init__(self, net: Network, workdir: Path, finkey: str = "") -> None:
+        """``finkey``: the K1 private key of the producer's ``finkey`` permission on a
+        Savanna chain; empty for a legacy chain."""
         self.ports = {n: free_port() for n in NODES}
         ready = workdir / "sim.ready"
         ready.unlink(missing_ok=True)
+        chain = ["--finalizer-permission", f"finkey={public_key_of(finkey)}"] if finkey \
+            else ["--legacy"]
         args = [PYTHON, "-m", "bpleader.cli", "sim", "--producer", PRODUCER,
-                "--nodes", ",".join(NODES), *CHAIN, "--pause-on-startup-all",
+                "--nodes", ",".join(NODES), *CHAIN, *chain, "--pause-on-startup-all",
                 "--host", "0.0.0.0", "--ready-file", str(ready), "--log-level", "WARNING"]
         # base-port would need consecutive free ports; ephemeral ports are read back.
         self.proc = net.spawn(None, args, workdir / "sim.log",
@@ -97,6 +103,7 @@ class Sim:
         info = json.loads(ready.read_text())
         self.control = info["control"].replace("0.0.0.0", "127.0.0.1")
         self.ports = {n: int(u.rsplit(":", 1)[1]) for n, u in info["nodes"].items()}
+        self.finalizer_keys: dict[str, str] = info["finalizer_keys"]
         self.http = httpx.Client(base_url=self.control, timeout=5.0)
         self.net = net
 
@@ -133,11 +140,12 @@ class Sim:
 class Testbed:
     net: Network
     workdir: Path
+    finkey: str = ""  # Savanna: the producer's finkey permission key; "": legacy chain
     etcd_procs: dict[str, Proc] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, net: Network, workdir: Path) -> Testbed:
-        bed = cls(net, workdir)
+    def create(cls, net: Network, workdir: Path, savanna: bool = True) -> Testbed:
+        bed = cls(net, workdir, new_private_key() if savanna else "")
         for name in ETCD:
             net.add_host(name)
         for name in NODES:
@@ -279,7 +287,19 @@ class Bpleader(Design):
             "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
             "timing": dict(FAST_TIMING),
             "metrics": {"listen": f"{host.ctl_ip}:9750"},
+            **self._finalizer(node),
         })
+
+    def _finalizer(self, node: str) -> dict[str, dict[str, Any]]:
+        """On Savanna each agent moves its own node's finalizer key with production."""
+        if not self.bed.finkey:
+            return {}
+        key_file = self.dir / f"{node}.finkey"
+        key_file.write_text(self.bed.finkey + "\n")
+        key_file.chmod(0o600)
+        return {"finalizer": {"key": self.sim.finalizer_keys[node],
+                              "permission": f"{PRODUCER}@finkey",
+                              "signing_key_file": str(key_file)}}
 
     def _spawn(self, node: str) -> None:
         self.agents[node] = self.net.spawn(

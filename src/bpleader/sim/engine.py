@@ -138,6 +138,8 @@ class Engine:
             node = self.model.node(self._node(name))
             if kind == "desync":
                 self.model.set_stalled(name, True, self._now())
+            elif kind == "isolate":
+                self.model.set_isolated(name, True, self._now())
             elif kind == "lag":
                 node.lag = float(params["seconds"])
             self._faults[name][kind] = dict(params)
@@ -160,6 +162,8 @@ class Engine:
             node = self.model.node(name)
             if "desync" in cleared and node.up:
                 self.model.set_stalled(name, False, self._now())
+            if "isolate" in cleared and node.up:
+                self.model.set_isolated(name, False, self._now())
             if "lag" in cleared:
                 node.lag = 0.0
             if cleared:
@@ -203,6 +207,7 @@ class Engine:
             faults.pop("restart", None)
             faults.pop("kill", None)
             faults.pop("desync", None)
+            faults.pop("isolate", None)  # a started process connects to its peers again
             self._down_until[name] = None
             self.model.start(name, self._now())
             node = self.model.node(name)

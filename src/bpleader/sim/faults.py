@@ -12,6 +12,8 @@ from collections.abc import Mapping
 # kind -> (parameter names, what it stands for)
 FAULTS: dict[str, tuple[tuple[str, ...], str]] = {
     "desync": ((), "the head stops where it is; the node does not sign"),
+    "isolate": ((), "cut from the p2p network both ways: no blocks or votes in or out; "
+                    "a producing node builds a fork of its own"),
     "lag": (("seconds",), "blocks and votes reach the node this many seconds late"),
     "freeze_api": ((), "connections are accepted and never answered until cleared"),
     "slow_api": (("seconds",), "every answer is delayed this many seconds"),

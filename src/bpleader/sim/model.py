@@ -601,6 +601,16 @@ class ChainModel:
         if not stalled:
             self.rejoin(name, now, 0.0)
 
+    def set_isolated(self, name: str, isolated: bool, now: float) -> None:
+        """Cut from the p2p network both ways (the HTTP simulator's ``isolate``): nothing in,
+        nothing out, so a producing node builds a fork of its own and its LIB stops."""
+        node = self.nodes[name]
+        self.advance(now)
+        if isolated:
+            node.receiving = node.sending = False
+        else:
+            self.rejoin(name, now, 0.0)
+
     def set_hung(self, name: str, hung: bool, now: float) -> None:
         node = self.nodes[name]
         self.advance(now)
