@@ -65,8 +65,8 @@ class NodeosConfig:
     chain_id: str | None = _doc(None, "64 hex digits: refuse a nodeos on another chain")
     kill_command: str | None = _doc(None, "last-resort fence: the guard runs this (e.g. "
                                           "`systemctl kill -s KILL nodeos`) when nodeos "
-                                          "does not confirm a pause after the deadline; "
-                                          "recommended")
+                                          "does not confirm a pause within `timeout` of "
+                                          "the deadline; recommended")
     finality: str = _doc("auto", "`savanna`, `legacy` or `auto` (Savanna as soon as "
                                  "get_finalizer_info shows a finalizer policy): on Savanna "
                                  "a close, fresh last irreversible block is part of being "

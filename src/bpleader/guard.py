@@ -142,6 +142,20 @@ def _call(url: str, what: str, timeout: float) -> bytes:
     return body
 
 
+def kill_after(timeout: float) -> float:
+    """How long the guard tries to confirm its pause, once its time has come, before it
+    runs the kill command: one pause call's timeout.
+
+    A successor bounds a leader that vanished from its fence time plus this (and the
+    block begun by then). A guard that went on retrying for longer let a nodeos whose API
+    hung while it kept producing sign one height past that bound, on a branch the
+    successor never saw, while etcd loss kept its agent from marking it unfenced
+    (seed 6889). A slow API at a fence deadline therefore costs a nodeos restart: the
+    price of knowing when it stopped. Raise ``nodeos.timeout`` if the API is slow.
+    """
+    return timeout
+
+
 def pause_confirmed(url: str, timeout: float, budget: float) -> tuple[bool, str]:
     """Pause nodeos, retrying until ``paused`` reads true or ``budget`` seconds pass.
 
@@ -218,7 +232,7 @@ def guard_main(argv: list[str] | None = None) -> int:
 
     def enforce() -> bool:
         nonlocal reported, killed_for
-        ok, reason = pause_confirmed(args.url, args.timeout, max(args.timeout * 4, 1.0))
+        ok, reason = pause_confirmed(args.url, args.timeout, kill_after(args.timeout))
         if reported != (pause_at, ok):
             reported = (pause_at, ok)
             log.warning("%s event=fence_fired source=guard confirmed=%s reason=%r", ctx, ok,

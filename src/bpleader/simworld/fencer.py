@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from bpleader.guard import GIVE_UP_AFTER
+from bpleader.guard import GIVE_UP_AFTER, kill_after
 from bpleader.nodeos import NodeosError
 from bpleader.simworld.clocks import HostClock
 from bpleader.simworld.loop import SimLoop
@@ -26,8 +26,12 @@ ROUNDING = 1e-6
 class SimGuard:
     def __init__(self, loop: SimLoop, host: HostClock, nodeos: SimNodeos, timeout: float,
                  check_interval: float, trace: Trace,
-                 kill: Callable[[], None] | None = None) -> None:
+                 kill: Callable[[], None] | None = None,
+                 confirm_for: float | None = None) -> None:
         self.kill = kill  # nodeos.kill_command: stop the nodeos process
+        # How long it tries to confirm a pause before the kill: the real guard's, unless
+        # a scenario undoes that bound.
+        self.confirm_for = kill_after(timeout) if confirm_for is None else confirm_for
         self._killed_for: float | None = None
         self.loop = loop
         self.host = host
@@ -100,7 +104,7 @@ class SimGuard:
                 # Always an explicit pause, as bpleader.guard.guard_main: an implicit
                 # pause reads true and lifts by itself.
                 self.fired += 1
-                confirmed = await self._pause_confirmed(max(self.timeout * 4, 1.0))
+                confirmed = await self._pause_confirmed(self.confirm_for)
                 self.trace.add(self.name, f"guard fired: confirmed={confirmed}")
                 if not confirmed and self.kill is not None and \
                         self._killed_for != self.pause_at:

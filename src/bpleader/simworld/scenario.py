@@ -139,6 +139,9 @@ class Scenario:
     # nodeos.kill_command configured (recommended): the guard stops a nodeos that will
     # not confirm a pause. False models a deployment without it.
     kill_fence: bool = True
+    # The guard tries to confirm its pause for max(4 x nodeos timeout, 1 s) before the
+    # kill, as it did before seed 6889, instead of bpleader.guard.kill_after (a test).
+    slow_kill: bool = False
     max_drift: float = 0.001  # host clock rate error bound (0.1 %)
     max_wall_skew: float = 0.05  # wall clock error bound (NTP)
     max_block_delay: float = 0.3  # p2p propagation bound between our nodes
@@ -168,4 +171,5 @@ class Scenario:
                 f"{'' if self.kill_fence else ' kill_fence=off'}"
                 f"{' savanna' if self.savanna else ' legacy'}"
                 f"{' shared_key' if self.shared_key else ''}"
+                f"{' slow_kill' if self.slow_kill else ''}"
                 f"{'' if self.finalizer or not self.savanna else ' no_finalizer'}")

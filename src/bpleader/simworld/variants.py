@@ -178,12 +178,20 @@ AGENTS: dict[str, AgentFactory] = {
     "nodeos-head-record": NodeosHeadRecordAgent,
     "unfenced-record": UnfencedRecordAgent,
     "head-is-exact": HeadIsExactAgent,
+    "slow-kill": Agent,  # the real agent, with the guard's kill made late (see SCENARIOS)
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
 # together, is made four times as frequent so that the tests see it in their seed budget.
 SCENARIOS: dict[str, dict[str, object]] = {
     "shared-bls-key": {"shared_key": True},
+    # The guard's faster kill (seed 6889) took seeds 5721, 5212 and 6412 off the paths
+    # that found these fixes; with the old guard the real agent still passes there and
+    # each of these still fails, so the fixes stay shown where they were found.
+    "slow-kill": {"slow_kill": True},
+    "nodeos-head-record": {"slow_kill": True},
+    "unfenced-record": {"slow_kill": True},
+    "head-is-exact": {"slow_kill": True},
     "no-doppelganger-no-mark": {"faults": Faults(weights=tuple(
         (kind, 4.0 if kind == "nodeos_api_hang" else weight)
         for kind, weight in DEFAULT_WEIGHTS))},

@@ -109,7 +109,8 @@ class Node:
         proc = Process(w.loop, self.name, self.incarnation)
         t = w.scenario.timing
         guard = SimGuard(w.loop, self.host, self.nodeos, t.nodeos_timeout, t.check_interval,
-                         w.trace, self.kill_nodeos if w.scenario.kill_fence else None)
+                         w.trace, self.kill_nodeos if w.scenario.kill_fence else None,
+                         max(t.nodeos_timeout * 4, 1.0) if w.scenario.slow_kill else None)
         client = NodeosClient(self.nodeos, t.nodeos_timeout, proc, "agent", w.hooks)
         switcher = None
         if w.scenario.savanna and w.scenario.finalizer:
