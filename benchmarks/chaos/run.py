@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chain", choices=("savanna", "legacy"), default="savanna",
                    help="a Savanna chain (each agent moves its node's finalizer key; the "
                         "baseline cannot) or a pre-Savanna one")
+    p.add_argument("--etcd-rtt", type=float, default=0.0, metavar="MS",
+                   help="round trip added between the agents and etcd, through a user-space "
+                        "proxy on each producer host (etcd across regions; 0: none)")
     p.add_argument("--steady", type=float, default=60.0,
                    help="seconds of the resource measurement at rest (0: skip)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/chaos/results"))
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         with Network(work) as net:
-            bed = Testbed.create(net, work, savanna=args.chain == "savanna")
+            bed = Testbed.create(net, work, savanna=args.chain == "savanna",
+                                 etcd_delay=args.etcd_rtt / 2000.0)
             for name in names:
                 sc = SCENARIOS[name]
                 for design in designs:
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "meta": {"started": started, "seconds": round(time.time() - started, 1),
                  "trials": trials_n, "quick": args.quick, "scenarios": names,
-                 "chain": args.chain,
+                 "chain": args.chain, "etcd_rtt_ms": args.etcd_rtt,
                  "timing": FAST_TIMING, "baseline_max_age": BASELINE_MAX_AGE,
                  "scenario_defs": {n: {k: v for k, v in asdict(SCENARIOS[n]).items()
                                        if k in ("title", "duration", "expect_failover",

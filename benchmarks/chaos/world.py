@@ -51,6 +51,7 @@ LEASE_TTL = float(FAST_TIMING["lease_ttl"])
 BASELINE_MAX_AGE = 3
 SRC = Path(__file__).resolve().parents[2] / "src"
 PYTHON = sys.executable
+DELAY_PORT = 23790  # the delaying proxies' first port, on each producer host's loopback
 BASELINE_DIR = Path(__file__).resolve().parent / "baseline"
 
 
@@ -141,11 +142,13 @@ class Testbed:
     net: Network
     workdir: Path
     finkey: str = ""  # Savanna: the producer's finkey permission key; "": legacy chain
+    etcd_delay: float = 0.0  # seconds added each way between the agents and etcd
     etcd_procs: dict[str, Proc] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, net: Network, workdir: Path, savanna: bool = True) -> Testbed:
-        bed = cls(net, workdir, new_private_key() if savanna else "")
+    def create(cls, net: Network, workdir: Path, savanna: bool = True,
+               etcd_delay: float = 0.0) -> Testbed:
+        bed = cls(net, workdir, new_private_key() if savanna else "", etcd_delay)
         for name in ETCD:
             net.add_host(name)
         for name in NODES:
@@ -283,12 +286,28 @@ class Bpleader(Design):
         host = self.net.hosts[node]
         return write_toml(self.dir / f"{node}.toml", {
             "node": {"name": node, "producer": PRODUCER},
-            "etcd": {"endpoints": self.bed.endpoints, "prefix": self.prefix},
+            "etcd": {"endpoints": self._endpoints(), "prefix": self.prefix},
             "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
             "timing": dict(FAST_TIMING),
             "metrics": {"listen": f"{host.ctl_ip}:9750"},
             **self._finalizer(node),
         })
+
+    def _endpoints(self) -> list[str]:
+        """etcd as the agents reach it: directly, or through the delaying proxies."""
+        if not self.bed.etcd_delay:
+            return self.bed.endpoints
+        return [f"http://127.0.0.1:{DELAY_PORT + i}" for i in range(len(ETCD))]
+
+    def _start_delays(self, node: str) -> None:
+        """One proxy per etcd member in the host's namespace (benchmarks.chaos.delay)."""
+        for i, member in enumerate(ETCD):
+            target = f"{self.net.hosts[member].ctl_ip}:2379"
+            self.net.spawn(node, [PYTHON, "-m", "benchmarks.chaos.delay", "--listen",
+                                  f"127.0.0.1:{DELAY_PORT + i}", "--to", target, "--delay",
+                                  str(self.bed.etcd_delay)], self.dir / f"{node}-delay.log",
+                           env={"PYTHONPATH": str(SRC.parent)})
+            self.net.wait_port(node, DELAY_PORT + i)
 
     def _finalizer(self, node: str) -> dict[str, dict[str, Any]]:
         """On Savanna each agent moves its own node's finalizer key with production."""
@@ -307,6 +326,9 @@ class Bpleader(Design):
             self.dir / f"{node}.log", env={"PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"})
 
     def start(self) -> None:
+        if self.bed.etcd_delay:
+            for node in NODES:
+                self._start_delays(node)
         self._spawn(NODES[0])
         self.wait_producer(NODES[0])
         self._spawn(NODES[1])
