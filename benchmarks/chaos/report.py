@@ -58,7 +58,76 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {s['agents']} | {s['producers']} | {s['etcd_rps']} | "
                          f"{s['etcd_rps_per_agent']} | {_fmt(s['failover']['median'])} / "
                          f"{_fmt(s['failover']['max'])} | {s['double_produced_slots']} |")
+    lines += ["", f"Against the goals of issues 12 and 13 ({meta.get('chain', 'legacy')} chain, "
+              f"etcd round trip +{meta.get('etcd_rtt_ms', 0):g} ms):", "", goals(result)]
+    return "\n".join(lines)
+
+
+# The goals of issues 12 and 13 that this benchmark measures: (what, scenario, figure,
+# goal text, test of the figure). Figures: "median" / "p95" time to a new producer,
+# "missed" (mean per trial), "spurious" (sum), "heights" (double-produced, sum).
+GOALS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("planned switchover, fault to new producer", "switchover", "median", "<= 0.4 s", 0.4),
+    ("planned switchover, missed slots of ours", "switchover", "missed", "0", 0.0),
+    ("agent killed, fault to new producer", "leader_killed", "median", "<= 2.5 s", 2.5),
+    ("agent frozen, fault to new producer", "leader_frozen", "median", "<= 2.5 s", 2.5),
+    ("control link cut, fault to new producer", "split_brain", "median", "<= 2.5 s", 2.5),
+    ("30 % loss, missed slots per trial", "loss30", "missed", "0", 0.0),
+    ("30 % loss, spurious moves", "loss30", "spurious", "0", 0.0),
+    ("etcd raft leader cut, missed slots per trial", "etcd_minority", "missed", "<= 1", 1.0),
+    ("leader cut from p2p, double-produced heights", "p2p_cut", "heights", "0", 0.0),
+)
+RESOURCE_GOALS = (("RSS per host (MiB)", "rss", 40.0), ("CPU s per hour per host", "cpu", 30.0),
+                  ("etcd requests/s per agent", "req", 2.0))
+
+
+def _figure(row: dict[str, Any], figure: str) -> float | None:
+    if figure in ("median", "p95"):
+        value: float | None = row["time_to_new_producer"][figure]
+        return value
+    if figure == "missed":
+        return sum(row["missed_slots"]) / len(row["missed_slots"])
+    if figure == "spurious":
+        return float(row["spurious_failovers"])
+    return float(sum(row["double_produced_heights"]))
+
+
+def goals(result: dict[str, Any]) -> str:
+    """Each goal of issues 12 and 13 this run measures, with bpleader's and the baseline's
+    figures beside it; a goal whose scenario was not run says so."""
+    rows = {(r["scenario"], r["design"]): r for r in result["summary"] if r["applicable"]}
+    lines = ["| goal | bpleader | keepalived | goal | met |", "|---|---|---|---|---|"]
+    for what, scenario, figure, text, limit in GOALS:
+        ours, base = rows.get((scenario, "bpleader")), rows.get((scenario, "keepalived"))
+        if ours is None:
+            lines.append(f"| {what} | not in this run | | {text} | |")
+            continue
+        value = _figure(ours, figure)
+        shown = "never" if value is None else f"{value:.2f}"
+        other = "n/a" if base is None else (lambda v: "never" if v is None else f"{v:.2f}")(
+            _figure(base, figure))
+        met = "yes" if value is not None and value <= limit else "**no**"
+        lines.append(f"| {what} | {shown} | {other} | {text} | {met} |")
+    per_design = {r["design"]: r for r in result.get("resources", [])}
+    for what, key, limit in RESOURCE_GOALS:
+        values = {d: _resource(r, key) for d, r in per_design.items()}
+        ours = values.get("bpleader")
+        if ours is None:
+            lines.append(f"| {what} | not in this run | | <= {limit:g} | |")
+            continue
+        base = values.get("keepalived")
+        lines.append(f"| {what} | {ours:.1f} | {'—' if base is None else f'{base:.1f}'} "
+                     f"| <= {limit:g} | {'yes' if ours <= limit else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _resource(r: dict[str, Any], key: str) -> float | None:
+    if key == "rss":
+        return float(sum(r["rss_mib"].values()) / len(r["rss_mib"]))
+    if key == "cpu":
+        return float(sum(r["cpu_seconds_per_hour"].values()) / len(r["cpu_seconds_per_hour"]))
+    req = r["etcd_requests_per_second_per_agent"]
+    return None if req is None else float(req)
 
 
 def _epoch(block_time: str) -> float:
