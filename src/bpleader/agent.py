@@ -375,9 +375,7 @@ class Agent:
             self._me = None
             return Role.FOLLOWER, "election key gone"
         if self._elected(o):
-            self._won_at, self._won_wall = o.now, o.wall
-            self._continuity_reported = False
-            await self._bound_vanished_leader(o)
+            await self._begin_takeover(o)
             return Role.TAKING_OVER, "elected: lowest create revision"
         return Role.CANDIDATE, "waiting behind a lower key"
 
@@ -453,10 +451,20 @@ class Agent:
             return Role.CANDIDATE, "maintenance over"
         if o.paused is False and self._armed:
             return Role.LEADER, "maintenance over, still producing"
-        self._won_at, self._won_wall = o.now, o.wall
+        await self._begin_takeover(o)
         return Role.TAKING_OVER, "maintenance over, elected"
 
     # ----------------------------------------------------------------- helpers
+
+    async def _begin_takeover(self, o: Observation) -> None:
+        """Won the election, from a candidacy or from maintenance: the takeover delay
+        counts from now, and a leader that vanished meanwhile is bounded (layer 10). A
+        leader lost while we sat in maintenance needs that bound as much as any (seed
+        5334: leaving maintenance elected skipped it, and we re-signed two heights of
+        the vanished leader's private branch)."""
+        self._won_at, self._won_wall = o.now, o.wall
+        self._continuity_reported = False
+        await self._bound_vanished_leader(o)
 
     def _why_not_campaign(self, o: Observation) -> str:
         """Empty when this node may seek the lock (layer 1: only while in sync)."""

@@ -161,6 +161,24 @@ class UnfencedRecordAgent(HeadIsExactAgent):
         return math.inf
 
 
+class MaintenanceUnboundedAgent(Agent):
+    """Leaves maintenance elected without bounding a leader that vanished meanwhile, as
+    before seed 5334 (the candidate's path still bounds it)."""
+
+    _in_maintenance = False
+
+    async def _as_maintenance(self, o: Observation) -> tuple[Role, str]:
+        self._in_maintenance = True
+        try:
+            return await super()._as_maintenance(o)
+        finally:
+            self._in_maintenance = False
+
+    async def _bound_vanished_leader(self, o: Observation) -> None:
+        if not self._in_maintenance:
+            await super()._bound_vanished_leader(o)
+
+
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
@@ -179,6 +197,7 @@ AGENTS: dict[str, AgentFactory] = {
     "unfenced-record": UnfencedRecordAgent,
     "head-is-exact": HeadIsExactAgent,
     "slow-kill": Agent,  # the real agent, with the guard's kill made late (see SCENARIOS)
+    "maintenance-unbounded": MaintenanceUnboundedAgent,
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
