@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from bpleader.antelope import new_private_key, public_key_of
 from bpleader.fence import kill_guards
+from bpleader.localetcd import ELECTION_TIMEOUT
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
 
 T = TypeVar("T")
@@ -165,7 +166,8 @@ class World:
         url = self.sim.node(name).url
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": name, "producer": PRODUCER},
-            "etcd": {"endpoints": self.endpoints, "prefix": self.prefix},
+            "etcd": {"endpoints": self.endpoints, "prefix": self.prefix,
+                     "election_timeout": ELECTION_TIMEOUT},
             "nodeos": {"url": url, "timeout": 0.3, "max_head_lag": 3.0},
             "timing": dict(self.timing),
             "metrics": {"listen": "127.0.0.1:0"},

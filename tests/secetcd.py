@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bpleader.localetcd import free_ports
+from bpleader.localetcd import RAFT_FLAGS, free_ports
 from pki import Pair, Pki
 
 
@@ -45,7 +45,7 @@ class SecureEtcd:
             "--initial-cluster", f"sec0={peer}", "--initial-cluster-state", "new",
             "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca),
             "--cert-file", str(self.pki.server.cert), "--key-file", str(self.pki.server.key),
-            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            *RAFT_FLAGS,
             "--logger", "zap", "--log-level", "warn",
         ]
         log = open(self.log_path, "ab")

@@ -60,6 +60,8 @@ def test_keepalive_defaults_to_a_fifth_of_the_ttl() -> None:
     ("etcd", {"username": "u"}, "etcd.username"),
     ("etcd", {"ca_cert": "/nonexistent"}, "etcd.ca_cert"),
     ("etcd", {"colour": "blue"}, "etcd.colour"),
+    ("etcd", {"election_timeout": 0}, "etcd.election_timeout"),
+    ("etcd", {"election_timeout": 1.5}, "etcd.election_timeout"),
     ("metrics", {"listen": "nope"}, "metrics.listen"),
     ("notify", {"timeout": 0}, "notify.timeout"),
     ("notify", {"max_time": 1.0}, "notify.max_time"),
@@ -70,6 +72,23 @@ def test_each_rule_names_the_field(section: str, values: dict[str, Any], field: 
     assert any(e.startswith(field) for e in errors), errors
 
 
+FAST = {"lease_ttl": 2, "keepalive_interval": 0.3, "fence_guard": 0.9, "takeover_delay": 0.5,
+        "check_interval": 0.25}
+
+
+def test_the_lease_leaves_room_for_an_etcd_leader_election() -> None:
+    """The fast profile on etcd's default election timeout would be fenced by every raft
+    leader change: refused, with the etcd setting that fits."""
+    data = with_("timing", **FAST)
+    errors = errors_for(data)
+    assert len(errors) == 1 and errors[0].startswith("etcd.election_timeout = 1:"), errors
+    assert "--election-timeout <= 400" in errors[0], errors
+    data["etcd"]["election_timeout"] = 0.25
+    assert parse_config(data, {}).etcd.election_timeout == 0.25
+    # The default profile fits etcd's defaults.
+    assert parse_config(BASE, {}).etcd.election_timeout == 1.0
+
+
 def test_every_error_at_once() -> None:
     errors = errors_for(with_("timing", fence_guard=9.0, takeover_delay=0.1))
     assert len(errors) >= 2
@@ -77,10 +96,10 @@ def test_every_error_at_once() -> None:
 
 def test_env_overrides() -> None:
     cfg = parse_config(BASE, {"BPLEADER_ETCD_ENDPOINTS": "http://a:2379, http://b:2379",
-                              "BPLEADER_NODE_NAME": "bp-b", "BPLEADER_TIMING_LEASE_TTL": "4",
+                              "BPLEADER_NODE_NAME": "bp-b", "BPLEADER_TIMING_LEASE_TTL": "6",
                               "BPLEADER_OTHER_THING": "ignored"})
     assert cfg.etcd.endpoints == ("http://a:2379", "http://b:2379")
-    assert cfg.node.name == "bp-b" and cfg.timing.lease_ttl == 4.0
+    assert cfg.node.name == "bp-b" and cfg.timing.lease_ttl == 6.0
     assert any("BPLEADER_TIMING_COLOUR" in e for e in errors_for(
         BASE, {"BPLEADER_TIMING_COLOUR": "1"}))
     assert any("timing.lease_ttl" in e for e in errors_for(

@@ -143,3 +143,29 @@ def test_session_renews_and_notices_a_revoked_lease(etcd1: EtcdCluster) -> None:
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_session_retries_a_failed_try_sooner_and_logs_a_streak_once_a_second(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An etcd raft leader change fails requests until a new leader is elected: a
+    session that waited a whole interval after each failure lost that interval on every
+    such outage (the fast profile's leader was fenced on every raft leader loss)."""
+    from bpleader.localetcd import free_ports
+
+    port = free_ports(1)[0]  # nothing listens: every grant fails at once
+    store = EtcdStore(EtcdSettings((f"http://127.0.0.1:{port}",), 0.3), KEYS)
+    session = Session(store, SystemClock(), ttl=2, interval=0.6, on_renew=lambda d: None)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(session.run())
+        await asyncio.sleep(1.5)
+        task.cancel()
+
+    with caplog.at_level("WARNING", logger="bpleader.election"):
+        asyncio.run(scenario())
+    # A whole interval between tries allows 3 in 1.5 s; a sixth of it allows about 15.
+    assert session.stats.renewal_failures >= 8, session.stats
+    assert session.lease is None
+    lines = [r for r in caplog.records if "lease_grant_failed" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+    assert "tries=1 " in lines[0].getMessage()

@@ -30,6 +30,7 @@ import httpx
 from benchmarks.chaos.world import PYTHON, SRC, write_toml
 
 from bpleader.fence import kill_guards
+from bpleader.localetcd import ELECTION_TIMEOUT
 
 if TYPE_CHECKING:
     from bpleader.sim import SimCluster
@@ -87,7 +88,8 @@ def run_size(agents: int, measure: float, kills: int, work: Path) -> dict[str, A
                 urls.add(url)
                 cfg = write_toml(work / f"{node}.toml", {
                     "node": {"name": node, "producer": _account(i)},
-                    "etcd": {"endpoints": etcd.endpoints, "prefix": "/bpl-scale"},
+                    "etcd": {"endpoints": etcd.endpoints, "prefix": "/bpl-scale",
+                             "election_timeout": ELECTION_TIMEOUT},
                     "nodeos": {"url": url, "timeout": 0.5, "max_head_lag": 3.0},
                     "timing": dict(DEFAULT_TIMING),
                     "metrics": {"listen": "127.0.0.1:0"},

@@ -31,6 +31,7 @@ import httpx
 from benchmarks.chaos.net import Network, Proc, sh
 
 from bpleader.antelope import new_private_key, public_key_of
+from bpleader.localetcd import ELECTION_TIMEOUT, RAFT_FLAGS
 
 PRODUCER = "mybp"
 NODES = ("bp-a", "bp-b")
@@ -172,7 +173,7 @@ class Testbed:
                     "--initial-advertise-peer-urls", f"http://{ip}:2380",
                     "--initial-cluster", cluster, "--initial-cluster-state", "new",
                     "--initial-cluster-token", self.net.prefix,
-                    "--heartbeat-interval", "100", "--election-timeout", "1000",
+                    *RAFT_FLAGS,
                     "--logger", "zap", "--log-level", "warn"]
             self.etcd_procs[e] = self.net.spawn(e, args, self.workdir / f"{e}.log")
         deadline = time.monotonic() + 30
@@ -286,7 +287,8 @@ class Bpleader(Design):
         host = self.net.hosts[node]
         return write_toml(self.dir / f"{node}.toml", {
             "node": {"name": node, "producer": PRODUCER},
-            "etcd": {"endpoints": self._endpoints(), "prefix": self.prefix},
+            "etcd": {"endpoints": self._endpoints(), "prefix": self.prefix,
+                     "election_timeout": ELECTION_TIMEOUT},
             "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
             "timing": dict(FAST_TIMING),
             "metrics": {"listen": f"{host.ctl_ip}:9750"},

@@ -48,6 +48,9 @@ class EtcdConfig:
     endpoints: tuple[str, ...] = _doc((), "etcd client URLs (`http://` or `https://`), all "
                                           "members; comma-separated in the variable; required")
     prefix: str = _doc("/bpleader", "keys live under `{prefix}/{producer}/`")
+    election_timeout: float = _doc(1.0, "the cluster's `--election-timeout` in seconds "
+                                        "(etcd's default 1000 ms is 1.0); the lease timing "
+                                        "must leave room for a raft leader election")
     ca_cert: str | None = _doc(None, "CA bundle for `https://` endpoints")
     cert: str | None = _doc(None, "client certificate (with `key`)")
     key: str | None = _doc(None, "client certificate's private key")
@@ -259,6 +262,28 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
     return cfg
 
 
+def _election_room(et: EtcdConfig, t: TimingConfig) -> list[str]:
+    """A raft leader change fails every request until a follower wins an election, up to
+    twice ``--election-timeout`` after the leader's last heartbeat (etcd randomises each
+    member's timeout between one and two times the setting). The leader's last renewal
+    may have been sent up to one keepalive interval before that, and the fence fires
+    ``lease_ttl - fence_guard`` after it: without room for both, every raft leader loss
+    pauses production (etcd itself keeps the lease: a new raft leader extends them)."""
+    if et.election_timeout <= 0:
+        return [f"etcd.election_timeout = {et.election_timeout}: must be > 0 (seconds)"]
+    need = 2 * et.election_timeout + t.keepalive_interval
+    room = t.lease_ttl - t.fence_guard
+    if need <= room:
+        return []
+    return [f"etcd.election_timeout = {et.election_timeout:g}: a raft leader election can "
+            f"take {2 * et.election_timeout:g} s, which with a keepalive interval "
+            f"({t.keepalive_interval:g} s) needs {need:g} s, more than lease_ttl - "
+            f"fence_guard ({room:g} s): every etcd leader change would pause production. "
+            f"Run etcd with --election-timeout <= "
+            f"{max(0.0, (room - t.keepalive_interval) / 2) * 1000:.0f} (ms, and "
+            "--heartbeat-interval a tenth of it), or lengthen timing.lease_ttl"]
+
+
 ACCOUNT = re.compile(r"^[a-z1-5.]{1,12}$")
 NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -338,6 +363,7 @@ def _validate(c: Config) -> list[str]:
         e.append(f"timing.keepalive_interval = {t.keepalive_interval}: (lease_ttl - "
                  "fence_guard) / keepalive_interval must be >= 3 (three renewal tries "
                  "before the fence fires)")
+    e += _election_room(et, t)
     if t.takeover_delay < 0.5:
         e.append(f"timing.takeover_delay = {t.takeover_delay}: must be >= 0.5 (one block)")
     if t.check_interval <= 0 or t.check_interval > t.takeover_delay:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpleader.antelope import new_private_key, public_key_of
-from bpleader.localetcd import EtcdCluster
+from bpleader.localetcd import ELECTION_TIMEOUT, EtcdCluster
 from bpleader.sim import SimCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
 
@@ -65,7 +65,7 @@ class Demo:
         path = self.config_path(node)
         path.write_text(
             f'[node]\nname = "{node}"\nproducer = "{PRODUCER}"\n\n'
-            f"[etcd]\nendpoints = [{eps}]\n\n"
+            f"[etcd]\nendpoints = [{eps}]\nelection_timeout = {ELECTION_TIMEOUT}\n\n"
             f'[nodeos]\nurl = "{self.sim.node(node).url}"\ntimeout = 0.3\n\n'
             f"[timing]\n{timing}\n\n{self._finalizer_section(node)}"
             f'[metrics]\nlisten = "127.0.0.1:0"\n')

@@ -17,6 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Raft timing for the fast profile (lease 2 s, fence 0.9 s before its end, renewals
+#: every 0.3 s): an election must fit in the 1.1 s between the last renewal and the
+#: fence, and etcd may take up to twice --election-timeout (config's check). On a LAN
+#: or loopback a 25 ms heartbeat is still many round trips.
+HEARTBEAT_MS, ELECTION_MS = 25, 250
+RAFT_FLAGS = ["--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS)]
+ELECTION_TIMEOUT = ELECTION_MS / 1000  # etcd.election_timeout of agents on these clusters
+
 
 def free_ports(n: int) -> list[int]:
     socks = []
@@ -74,8 +82,7 @@ class EtcdCluster:
             "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", f"bpl-{self.root.name}",
-            "--heartbeat-interval", "100", "--election-timeout", "1000",
-            "--logger", "zap", "--log-level", "warn", *self.extra_args,
+            *RAFT_FLAGS, "--logger", "zap", "--log-level", "warn", *self.extra_args,
         ]
 
     def start(self, timeout: float = 30.0) -> None:
