@@ -1,10 +1,12 @@
-"""One real etcd member serving clients over TLS with ``--client-cert-auth``, and the
+"""A real etcd cluster (3 members by default) serving clients over TLS with
+``--client-cert-auth``, members that can be killed and restarted, and the
 ``etcdctl`` steps that turn on authentication and a per-producer role (the same commands
 as deploy/etcd-rbac.md, so the document is exercised by the tests).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,52 +19,99 @@ from pki import Pair, Pki
 
 
 @dataclass
-class SecureEtcd:
-    root: Path
-    pki: Pki
+class SecureMember:
+    name: str
+    client_port: int
+    peer_port: int
     proc: subprocess.Popen[bytes] | None = None
-    root_password: str | None = None  # set once auth is enabled
-    client_port: int = 0
-    peer_port: int = 0
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.client_port, self.peer_port = free_ports(2)
-        self.log_path = self.root / "etcd.log"
 
     @property
     def endpoint(self) -> str:
         return f"https://127.0.0.1:{self.client_port}"
 
+    @property
+    def peer(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class SecureEtcd:
+    root: Path
+    pki: Pki
+    size: int = 3
+    root_password: str | None = None  # set once auth is enabled
+    members: list[SecureMember] = field(init=False)
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        ports = free_ports(2 * self.size)
+        self.members = [SecureMember(f"sec{i}", ports[2 * i], ports[2 * i + 1])
+                        for i in range(self.size)]
+        self.log_path = self.root / "etcd.log"
+
+    @property
+    def endpoint(self) -> str:
+        """The first member's client URL (enough for a test that needs one)."""
+        return self.members[0].endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
     def start(self, timeout: float = 30.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        for m in self.members:
+            self.start_member(m, "new")
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.etcdctl("endpoint", "health")
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline or not all(m.alive() for m in self.members):
+                raise RuntimeError(f"TLS etcd not healthy: {r.stderr.strip()}")
+            time.sleep(0.2)
+
+    def start_member(self, m: SecureMember, state: str = "existing") -> None:
+        cluster = ",".join(f"{x.name}={x.peer}" for x in self.members)
         cmd = [
-            shutil.which("etcd") or "etcd", "--name", "sec0",
-            "--data-dir", str(self.root / "data"),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"sec0={peer}", "--initial-cluster-state", "new",
+            shutil.which("etcd") or "etcd", "--name", m.name,
+            "--data-dir", str(self.root / m.name),
+            "--listen-client-urls", m.endpoint, "--advertise-client-urls", m.endpoint,
+            "--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer,
+            "--initial-cluster", cluster, "--initial-cluster-state", state,
+            "--initial-cluster-token", f"sec-{self.root.name}",
             "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca),
             "--cert-file", str(self.pki.server.cert), "--key-file", str(self.pki.server.key),
             *RAFT_FLAGS,
             "--logger", "zap", "--log-level", "warn",
         ]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
-                                     env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "arm64"})
+        m.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
+                                  env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "arm64"})
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.etcdctl("endpoint", "health")
-            if r.returncode == 0:
-                return
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"TLS etcd not healthy: {r.stderr.strip()}")
-            time.sleep(0.2)
 
-    def etcdctl(self, *args: str, user: str | None = None,
-                client: Pair | None = None) -> subprocess.CompletedProcess[str]:
+    def leader(self) -> SecureMember:
+        """The member that is raft leader now."""
+        for m in self.members:
+            if not m.alive():
+                continue
+            r = self.etcdctl("endpoint", "status", "-w", "json", endpoints=[m.endpoint])
+            if r.returncode == 0:
+                status = json.loads(r.stdout)[0]["Status"]
+                if status["leader"] == status["header"]["member_id"]:
+                    return m
+        raise RuntimeError("no raft leader")
+
+    def kill_member(self, m: SecureMember) -> None:
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.kill()
+            m.proc.wait()
+
+    def etcdctl(self, *args: str, user: str | None = None, client: Pair | None = None,
+                endpoints: list[str] | None = None) -> subprocess.CompletedProcess[str]:
         c = client or self.pki.client
         auth: list[str] = []
         if user is not None:
@@ -70,7 +119,9 @@ class SecureEtcd:
         elif self.root_password is not None:
             auth = [f"--user=root:{self.root_password}"]
         return subprocess.run(
-            ["etcdctl", f"--endpoints={self.endpoint}", f"--cacert={self.pki.ca}",
+            ["etcdctl", "--endpoints=" + ",".join(
+                endpoints or [m.endpoint for m in self.members if m.alive()]),
+             f"--cacert={self.pki.ca}",
              f"--cert={c.cert}", f"--key={c.key}", "--dial-timeout=2s",
              "--command-timeout=3s", *auth, *args],
             capture_output=True, text=True, timeout=15, env={**os.environ, "ETCDCTL_API": "3"})
@@ -103,6 +154,5 @@ class SecureEtcd:
         return role
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        for m in self.members:
+            self.kill_member(m)

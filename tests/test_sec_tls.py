@@ -1,11 +1,14 @@
 """etcd over TLS with client certificates, authentication and a per-producer role, on a
-real etcd member and real ``bpleader agent`` processes driving the nodeos simulator.
+real 3-member etcd cluster and real ``bpleader agent`` processes driving the nodeos
+simulator.
 
 What is shown: agents elect and fail over over TLS as a user whose role only reaches
-``{prefix}/{producer}/``; each way of being refused (wrong CA, expired or unknown client
-certificate, wrong password, role without rights) gives a one-line error naming the
-cause, never a trace; the refused agent's nodeos stays paused, and its attempts are
-spaced by a growing backoff. The secret never appears in any output of a full run.
+``{prefix}/{producer}/``, and keep one producer while the raft leader member dies (the
+client moves to another member with the same credentials); each way of being refused
+(wrong CA, expired or unknown client certificate, wrong password, role without rights)
+gives a one-line error naming the cause, never a trace; the refused agent's nodeos stays
+paused, and its attempts are spaced by a growing backoff. The secret never appears in any
+output of a full run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pytest
 
 from bpleader.sim import SimCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, StoreError
-from harness import CHAIN, PRODUCER, AgentProc, World, toml_value
+from harness import CHAIN, PRODUCER, AgentProc, World, toml_value, wait_for
 from pki import Pki, make_pki
 from secetcd import SecureEtcd
 
@@ -107,7 +110,7 @@ def test_agents_elect_and_fail_over_over_tls_with_rbac(secure_etcd: SecureEtcd, 
     password and the webhook URL."""
     nodes = ["bp-a", "bp-b"]
     with SimCluster(PRODUCER, nodes, pause_on_startup=True, **CHAIN) as sim:
-        world = SecureWorld(tmp_path, [secure_etcd.endpoint], sim, pki=pki)
+        world = SecureWorld(tmp_path, secure_etcd.endpoints, sim, pki=pki)
         try:
             for n in nodes:
                 world.add_agent(n, **world.tls(notify__slack_webhook=WEBHOOK)).start()
@@ -158,6 +161,45 @@ def test_agents_elect_and_fail_over_over_tls_with_rbac(secure_etcd: SecureEtcd, 
         assert "Traceback" not in text, f"stack trace in {where}"
 
 
+def test_one_producer_over_tls_while_raft_leader_members_die(secure_etcd: SecureEtcd,
+                                                              pki: Pki, tmp_path: Path) -> None:
+    """Twice: the raft leader member is killed, and with it down one node produces, and
+    a switchover (agents and CLI writing over TLS as their user to the members left)
+    moves production to the other node; then the member comes back."""
+    nodes = ["bp-a", "bp-b"]
+    with SimCluster(PRODUCER, nodes, pause_on_startup=True, **CHAIN) as sim:
+        world = SecureWorld(tmp_path, secure_etcd.endpoints, sim, pki=pki)
+        try:
+            for n in nodes:
+                world.add_agent(n, **world.tls()).start()
+            producer = world.wait_single_producer(40)
+            for _ in range(2):
+                member = secure_etcd.leader()
+                secure_etcd.kill_member(member)
+                producer = world.wait_single_producer(20)
+                target = next(n for n in nodes if n != producer)
+                wait_for(lambda t=target: (r := world.snapshot()) is not None  # type: ignore[misc]
+                         and r.records.get(t) is not None and r.records[t].in_sync,
+                         20, what="switchover target in sync")
+                res = _cli("switchover", "--config", str(world.agents[producer].config))
+                assert res.returncode == 0, res.stdout + res.stderr
+                assert world.wait_single_producer(30, exclude=producer) == target
+                secure_etcd.start_member(member)
+                wait_for(lambda: secure_etcd.etcdctl("endpoint", "health").returncode == 0,
+                         30, what="member back")
+            logs = "".join(world.agents[n].log_text() for n in nodes)
+            world.stop_all()
+            summary = sim.ledger_summary()
+        finally:
+            world.stop_all()
+            for m in secure_etcd.members:
+                if not m.alive():
+                    secure_etcd.start_member(m)
+    assert summary["double_produced_slots"] == 0, summary
+    assert summary["double_produced_heights"] == 0, summary
+    assert "Traceback" not in logs and PASSWORD not in logs
+
+
 # (case, config overrides, words the one-line error must contain)
 REFUSALS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("wrong-ca", {"etcd__ca_cert": "stranger_ca"},
@@ -190,7 +232,7 @@ def test_refused_agents_stay_paused_with_one_clear_line_and_backoff(
     names = [case for case, _, _ in REFUSALS]
     observe_s = 7.0
     with SimCluster(PRODUCER, names, pause_on_startup=True, **CHAIN) as sim:
-        world = SecureWorld(tmp_path, [secure_etcd.endpoint], sim, pki=pki)
+        world = SecureWorld(tmp_path, secure_etcd.endpoints, sim, pki=pki)
         try:
             for case, overrides, _ in REFUSALS:
                 world.add_agent(case, **world.tls(**_resolve(pki, overrides))).start()

@@ -31,8 +31,8 @@ class SessionStats:
 #: An etcd raft leader change makes requests fail until a new leader is elected (up to
 #: twice etcd's ``--election-timeout``); waiting a whole interval after each failure
 #: added up to an interval to every such outage and fenced the fast profile's leader on
-#: every raft leader loss. Failures are bounded by the request timeout, and logged at
-#: most once per second of a streak, so the faster pace floods neither etcd nor the log.
+#: every raft leader loss. Failures are bounded by the request timeout, and a streak is
+#: logged at tries 1, 2, 4, 8, ..., so the faster pace floods neither etcd nor the log.
 RETRY_SHARE = 1 / 6
 
 
@@ -99,8 +99,10 @@ class Session:
         self.stats.renewal_failures += 1
         self._streak += 1
         now = self._clock.now()
-        if self._streak == 1 or now >= self._next_log:
-            self._next_log = now + 1.0
+        # Tries 1, 2, 4, 8, ... of a streak, and at least every 10 s: an outage shows at
+        # once and stays visible, a long one does not flood the log at the retry pace.
+        if self._streak & (self._streak - 1) == 0 or now >= self._next_log:
+            self._next_log = now + 10.0
             log.warning("%s event=%s tries=%d left=%.2fs reason=%r", self._describe(), event,
                         self._streak, self.remaining(now), reason)
 

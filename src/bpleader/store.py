@@ -24,7 +24,7 @@ from functools import cached_property, lru_cache
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain
+from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain, grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -465,9 +465,7 @@ class EtcdStore:
             if wait > 0:
                 raise StoreError(op, f"{backoff.reason} (next try in {wait:.1f} s)")
         try:
-            if self._client is None:
-                self._client = self._connect()
-            result = fn(self._client)
+            result = self._on_some_member(fn)
         except Exception as exc:
             explained = explain(exc)
             reason = explained.reason
@@ -494,6 +492,25 @@ class EtcdStore:
         self._last_reason = ""
         return result
 
+    def _on_some_member(self, fn: Callable[[Any], T]) -> T:
+        """``fn(client)``, tried on the next member when a member is unreachable or too
+        slow (pyetcd marks it failed but does not retry): a one-shot command must not
+        fail because the member it drew is down, and a renewal must not wait for the next
+        tick to reach a member that answers. Every operation of this store is safe to
+        repeat (a create-if-absent, a compare-and-put, a keepalive, a read); a grant
+        repeated after a timeout may leave an unused lease, which expires after its TTL."""
+        tries = len(self._settings.endpoints)
+        for attempt in range(tries):
+            if self._client is None:
+                self._client = self._connect()
+            try:
+                return fn(self._client)
+            except Exception as exc:
+                status = grpc_status(exc)
+                if attempt + 1 >= tries or status is None or status[0] not in _MEMBER_DOWN:
+                    raise
+        raise AssertionError("unreachable")  # the loop returns or raises
+
     def _drop_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -506,8 +523,10 @@ class EtcdStore:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, self._call, op, fn)
         try:
-            # gRPC enforces the timeout; the outer bound only guards against a stuck thread.
-            return await asyncio.wait_for(future, self._settings.timeout * 2 + 1.0)
+            # gRPC enforces the timeout of each try; the outer bound only guards against a
+            # stuck thread.
+            tries = len(self._settings.endpoints)
+            return await asyncio.wait_for(future, self._settings.timeout * (tries + 1) + 1.0)
         except TimeoutError:
             raise StoreError(op, f"no answer within {self._settings.timeout:.2f} s") from None
 
@@ -660,6 +679,10 @@ def describe_error(exc: BaseException) -> str:
     exceptions, which says nothing about a refused certificate or password.
     """
     return explain(exc).reason
+
+
+#: gRPC codes on which pyetcd marks the member failed: the next try goes to another one.
+_MEMBER_DOWN = ("unavailable", "deadline_exceeded")
 
 
 def _needs_reconnect(reason: str) -> bool:
