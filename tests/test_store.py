@@ -145,34 +145,6 @@ def test_session_renews_and_notices_a_revoked_lease(etcd1: EtcdCluster) -> None:
     asyncio.run(scenario())
 
 
-def test_session_retries_a_failed_try_sooner_and_logs_a_streak_sparsely(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """An etcd raft leader change fails requests until a new leader is elected: a
-    session that waited a whole interval after each failure lost that interval on every
-    such outage (the fast profile's leader was fenced on every raft leader loss)."""
-    from bpleader.localetcd import free_ports
-
-    port = free_ports(1)[0]  # nothing listens: every grant fails at once
-    store = EtcdStore(EtcdSettings((f"http://127.0.0.1:{port}",), 0.3), KEYS)
-    session = Session(store, SystemClock(), ttl=2, interval=0.6, on_renew=lambda d: None)
-
-    async def scenario() -> None:
-        task = asyncio.create_task(session.run())
-        await asyncio.sleep(1.5)
-        task.cancel()
-
-    with caplog.at_level("WARNING", logger="bpleader.election"):
-        asyncio.run(scenario())
-    # A whole interval between tries allows 3 in 1.5 s; a sixth of it allows about 15.
-    assert session.stats.renewal_failures >= 8, session.stats
-    assert session.lease is None
-    lines = [r for r in caplog.records if "lease_grant_failed" in r.getMessage()]
-    tries = [int(r.getMessage().split("tries=")[1].split()[0]) for r in lines]
-    # Tries 1, 2, 4, 8, ...: every failure counted, only the doubling ones logged.
-    assert tries == [2 ** i for i in range(len(tries))], tries
-    assert 2 ** (len(tries) - 1) <= session.stats.renewal_failures < 2 ** len(tries)
-
-
 def test_a_call_moves_on_to_a_member_that_answers(etcd1: EtcdCluster) -> None:
     """pyetcd draws a member at random and does not retry when it is down: a one-shot
     command (status, switchover) failed whenever it drew a dead member."""

@@ -27,15 +27,6 @@ class SessionStats:
     losses: int = 0
 
 
-#: A failed grant or renewal is tried again after this share of the renewal interval.
-#: An etcd raft leader change makes requests fail until a new leader is elected (up to
-#: twice etcd's ``--election-timeout``); waiting a whole interval after each failure
-#: added up to an interval to every such outage and fenced the fast profile's leader on
-#: every raft leader loss. Failures are bounded by the request timeout, and a streak is
-#: logged at tries 1, 2, 4, 8, ..., so the faster pace floods neither etcd nor the log.
-RETRY_SHARE = 1 / 6
-
-
 class Session:
     """Keeps one lease alive; replaces it with a fresh one when it is lost.
 
@@ -61,12 +52,9 @@ class Session:
         self._interval = interval
         self._on_renew = on_renew
         self._describe = describe
-        self._retry = interval * RETRY_SHARE
         self.lease: Lease | None = None
         self.deadline: float | None = None
         self.stats = SessionStats()
-        self._streak = 0  # failed tries in a row
-        self._next_log = float("-inf")
 
     def remaining(self, now: float) -> float:
         """Seconds of lease we can count on; negative or -inf when there is none."""
@@ -80,11 +68,10 @@ class Session:
             self.remaining(now) > margin
 
     async def run(self) -> None:
-        """Grant, then renew every ``interval`` (sooner after a failure); runs until
-        cancelled."""
+        """Grant, then renew every ``interval``; runs until cancelled."""
         while True:
             await self.step()
-            await self._clock.sleep(self._retry if self._streak else self._interval)
+            await self._clock.sleep(self._interval)
 
     async def step(self) -> None:
         """One grant or renewal attempt."""
@@ -95,33 +82,19 @@ class Session:
         else:
             await self._renew(self.lease)
 
-    def _failed(self, event: str, reason: str) -> None:
-        self.stats.renewal_failures += 1
-        self._streak += 1
-        now = self._clock.now()
-        # Tries 1, 2, 4, 8, ... of a streak, and at least every 10 s: an outage shows at
-        # once and stays visible, a long one does not flood the log at the retry pace.
-        if self._streak & (self._streak - 1) == 0 or now >= self._next_log:
-            self._next_log = now + 10.0
-            log.warning("%s event=%s tries=%d left=%.2fs reason=%r", self._describe(), event,
-                        self._streak, self.remaining(now), reason)
-
-    def _succeeded(self) -> None:
-        if self._streak > 1:
-            log.info("%s event=lease_reachable_again tries=%d", self._describe(), self._streak)
-        self._streak = 0
-
     async def _grant(self) -> None:
         sent = self._clock.now()
         try:
             lease = await self._store.grant(self._ttl)
         except StoreError as exc:
-            self._failed("lease_grant_failed", exc.reason)
+            self.stats.renewal_failures += 1
+            log.warning("%s event=lease_grant_failed reason=%r", self._describe(), exc.reason)
             return
         if lease.ttl <= 0:
-            self._failed("lease_grant_failed", f"granted TTL {lease.ttl}")
+            self.stats.renewal_failures += 1
+            log.warning("%s event=lease_grant_failed reason='granted TTL %d'",
+                        self._describe(), lease.ttl)
             return
-        self._succeeded()
         self.lease, self.deadline = lease, sent + lease.ttl
         self.stats.grants += 1
         if lease.ttl != self._ttl:
@@ -134,9 +107,10 @@ class Session:
         try:
             ttl = await self._store.keepalive(lease.id)
         except StoreError as exc:
-            self._failed("keepalive_failed", exc.reason)
+            self.stats.renewal_failures += 1
+            log.warning("%s event=keepalive_failed left=%.2fs reason=%r", self._describe(),
+                        self.remaining(self._clock.now()), exc.reason)
             return
-        self._succeeded()
         if self.lease is not lease:
             return  # lost while the call was in flight
         if ttl <= 0:
