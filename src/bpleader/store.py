@@ -446,10 +446,11 @@ class EtcdStore:
                     time_retry=self._retry_member_after,
                 )
             )
-        return pyetcd.MultiEndpointEtcd3Client(
-            endpoints=endpoints, timeout=s.timeout,
-            user=s.username, password=s.password, failover=True,
-        )
+        client = pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=s.timeout,
+                                                 failover=True)
+        if s.username is not None and s.password is not None:
+            _log_in(client, s.username, s.password, s.timeout)
+        return client
 
     def _call(self, op: str, fn: Callable[[Any], T]) -> T:
         """Run ``fn(client)`` and turn every failure into a :class:`StoreError`.
@@ -502,7 +503,7 @@ class EtcdStore:
         tries = len(self._settings.endpoints)
         for attempt in range(tries):
             if self._client is None:
-                self._client = self._connect()
+                self._client = self._connect()  # tries each member itself (_log_in)
             try:
                 return fn(self._client)
             except Exception as exc:
@@ -525,10 +526,10 @@ class EtcdStore:
         try:
             # gRPC enforces the timeout of each try; the outer bound only guards against a
             # stuck thread.
-            tries = len(self._settings.endpoints)
-            return await asyncio.wait_for(future, self._settings.timeout * (tries + 1) + 1.0)
+            bound = self._settings.timeout * (len(self._settings.endpoints) + 1) + 1.0
+            return await asyncio.wait_for(future, bound)
         except TimeoutError:
-            raise StoreError(op, f"no answer within {self._settings.timeout:.2f} s") from None
+            raise StoreError(op, f"no answer within {bound:.2f} s") from None
 
     async def grant(self, ttl: int) -> Lease:
         lease = await self._run("grant", lambda c: c.lease(ttl))
@@ -679,6 +680,37 @@ def describe_error(exc: BaseException) -> str:
     exceptions, which says nothing about a refused certificate or password.
     """
     return explain(exc).reason
+
+
+def _log_in(client: Any, user: str, password: str, timeout: float) -> None:
+    """Authenticate as pyetcd's client does when given a password, but on each member in
+    turn: pyetcd logs in on one member drawn at random and gives up when that one is
+    down. The token is the cluster's (etcd replicates it), so any member may issue it."""
+    import grpc
+    from pyetcd import etcdrpc
+    from pyetcd.client import EtcdTokenCallCredentials
+
+    labels = list(client.endpoints)
+    first = labels.index(client._current_endpoint_label)
+    error: Exception | None = None
+    for label in labels[first:] + labels[:first]:
+        client._current_endpoint_label = label
+        try:
+            resp = client.authstub.Authenticate(
+                etcdrpc.AuthenticateRequest(name=user, password=password), timeout)
+        except grpc.RpcError as exc:
+            # Only an unreachable member: a slow answer is etcd checking the password
+            # (bcrypt), and asking the next member would only double that work.
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            error = exc
+            continue
+        client.metadata = (("token", resp.token),)
+        client.call_credentials = grpc.metadata_call_credentials(
+            EtcdTokenCallCredentials(resp.token))
+        return
+    assert error is not None
+    raise error
 
 
 #: gRPC codes on which pyetcd marks the member failed: the next try goes to another one.
