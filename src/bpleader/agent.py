@@ -598,6 +598,7 @@ class Agent:
         self._arm()
         if not await self._etcd_confirms(me) or not self._lease_covers_resume(me):
             return False
+        self._count_from_resume()
         self._resume_sent, self._own_stopped_at = True, None
         try:
             await self.nodeos.resume(budget=self.cfg.nodeos_timeout)
@@ -859,6 +860,17 @@ class Agent:
             lib_lag=self._lib_lag(o.info), fence_at=self._fence_at(o),
             paused=o.paused, version=__version__, updated=round(o.wall, 3),
             **self._finalizer_fields())
+
+    def _count_from_resume(self) -> None:
+        """Until we see a block of ours, our newest possible block counts from the head we
+        resume on: nodeos may sign one block per slot from the next slot boundary. Seed
+        5629: a leader's nodeos API hung right after its resume, before it saw any block
+        of its own; its records showed head 0, and its successor's bound, counted from
+        that record, let it re-sign a height of the leader's private branch."""
+        head = self._record.head_block_num if self._record is not None else 0
+        if head:
+            boundary = math.floor(self.clock.wall() / BLOCK_INTERVAL) * BLOCK_INTERVAL
+            self._own_high = max(self._own_high, (head, boundary))
 
     def _record_head(self, o: Observation) -> int:
         """The head our record shows: nodeos's, and while we may sign (the record is

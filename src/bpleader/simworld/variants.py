@@ -135,9 +135,18 @@ class NoContinuityAgent(Agent):
         return True
 
 
-class NodeosHeadRecordAgent(Agent):
+class UncountedResumeAgent(Agent):
+    """Counts its possible blocks only from one of its own it saw, as before seed 5629:
+    a leader whose nodeos API hangs right after the resume records head 0."""
+
+    def _count_from_resume(self) -> None:
+        pass
+
+
+class NodeosHeadRecordAgent(UncountedResumeAgent):
     """Its last record shows nodeos's head only: 0 while nodeos does not answer, the
-    winning branch's head after a reorg took its own newest blocks off (seed 5721)."""
+    winning branch's head after a reorg took its own newest blocks off (seed 5721). It
+    predates the fix of seed 5629 too, which covers part of the same path."""
 
     def _record_head(self, o: Observation) -> int:
         return o.info.head_block_num if o.info else 0
@@ -198,6 +207,7 @@ AGENTS: dict[str, AgentFactory] = {
     "head-is-exact": HeadIsExactAgent,
     "slow-kill": Agent,  # the real agent, with the guard's kill made late (see SCENARIOS)
     "maintenance-unbounded": MaintenanceUnboundedAgent,
+    "uncounted-resume": UncountedResumeAgent,
 }
 # What a weakened agent needs of its deployment (Scenario fields). The hung API with
 # production going on, the one case the doppelganger check and the unfenced mark guard
