@@ -161,10 +161,10 @@ def test_agents_elect_and_fail_over_over_tls_with_rbac(secure_etcd: SecureEtcd, 
         assert "Traceback" not in text, f"stack trace in {where}"
 
 
-def test_one_producer_over_tls_while_raft_leader_members_die(secure_etcd: SecureEtcd,
-                                                              pki: Pki, tmp_path: Path) -> None:
-    """Twice: the raft leader member is killed, and with it down one node produces, and
-    a switchover (agents and CLI writing over TLS as their user to the members left)
+def test_one_producer_over_tls_while_the_raft_leader_member_is_down(
+        secure_etcd: SecureEtcd, pki: Pki, tmp_path: Path) -> None:
+    """The raft leader member is killed, and with it down one node produces, and a
+    switchover (agents and CLI writing over TLS as their user to the members left)
     moves production to the other node; then the member comes back."""
     nodes = ["bp-a", "bp-b"]
     with SimCluster(PRODUCER, nodes, pause_on_startup=True, **CHAIN) as sim:
@@ -172,21 +172,20 @@ def test_one_producer_over_tls_while_raft_leader_members_die(secure_etcd: Secure
         try:
             for n in nodes:
                 world.add_agent(n, **world.tls()).start()
-            producer = world.wait_single_producer(40)
-            for _ in range(2):
-                member = secure_etcd.leader()
-                secure_etcd.kill_member(member)
-                producer = world.wait_single_producer(20)
-                target = next(n for n in nodes if n != producer)
-                wait_for(lambda t=target: (r := world.snapshot()) is not None  # type: ignore[misc]
-                         and r.records.get(t) is not None and r.records[t].in_sync,
-                         20, what="switchover target in sync")
-                res = _cli("switchover", "--config", str(world.agents[producer].config))
-                assert res.returncode == 0, res.stdout + res.stderr
-                assert world.wait_single_producer(30, exclude=producer) == target
-                secure_etcd.start_member(member)
-                wait_for(lambda: secure_etcd.etcdctl("endpoint", "health").returncode == 0,
-                         30, what="member back")
+            world.wait_single_producer(40)
+            member = secure_etcd.leader()
+            secure_etcd.kill_member(member)
+            producer = world.wait_single_producer(20)
+            target = next(n for n in nodes if n != producer)
+            wait_for(lambda t=target: (r := world.snapshot()) is not None  # type: ignore[misc]
+                     and r.records.get(t) is not None and r.records[t].in_sync,
+                     20, what="switchover target in sync")
+            res = _cli("switchover", "--config", str(world.agents[producer].config))
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert world.wait_single_producer(30, exclude=producer) == target
+            secure_etcd.start_member(member)
+            wait_for(lambda: secure_etcd.etcdctl("endpoint", "health").returncode == 0,
+                     30, what="member back")
             logs = "".join(world.agents[n].log_text() for n in nodes)
             world.stop_all()
             summary = sim.ledger_summary()
