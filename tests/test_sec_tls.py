@@ -177,8 +177,8 @@ def test_one_producer_over_tls_while_the_raft_leader_member_is_down(
             secure_etcd.kill_member(member)
             producer = world.wait_single_producer(20)
             target = next(n for n in nodes if n != producer)
-            wait_for(lambda t=target: (r := world.snapshot()) is not None  # type: ignore[misc]
-                     and r.records.get(t) is not None and r.records[t].in_sync,
+            wait_for(lambda: (r := world.snapshot()) is not None
+                     and r.records.get(target) is not None and r.records[target].in_sync,
                      20, what="switchover target in sync")
             res = _cli("switchover", "--config", str(world.agents[producer].config))
             assert res.returncode == 0, res.stdout + res.stderr
