@@ -7,4 +7,4 @@ bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check src tests benchmarks
 echo "== mypy" && mypy
-echo "== pytest" && exec pytest -q -p no:cacheprovider "$@"
+echo "== pytest" && exec pytest -q -p no:cacheprovider --durations=25 "$@"
