@@ -162,3 +162,91 @@ def test_a_call_moves_on_to_a_member_that_answers(etcd1: EtcdCluster) -> None:
     # Ten fresh clients: without the retry each draws a dead member with p = 2/3.
     for _ in range(10):
         assert asyncio.run(first_call()) > 0
+
+
+def _lease_counters(url: str) -> tuple[float, float]:
+    """etcd's own count of LeaseKeepAlive calls handled and messages received."""
+    import httpx
+
+    handled = received = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=2).text.splitlines():
+        if 'grpc_method="LeaseKeepAlive"' not in line:
+            continue
+        if line.startswith("grpc_server_handled_total{"):
+            handled += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("grpc_server_msg_received_total{"):
+            received += float(line.rsplit(" ", 1)[1])
+    return handled, received
+
+
+def test_renewals_are_messages_on_one_kept_stream(etcd1: EtcdCluster) -> None:
+    """Each renewal used to be a gRPC call of its own (3.3 calls a second per agent at the
+    fast profile); etcd now sees one open stream and a message per renewal."""
+    async def scenario() -> tuple[float, float]:
+        store = store_for(etcd1)
+        try:
+            lease = await store.grant(5)
+            before = _lease_counters(etcd1.endpoints[0])
+            for _ in range(20):
+                assert await store.keepalive(lease.id) == 5
+            after = _lease_counters(etcd1.endpoints[0])
+            return after[0] - before[0], after[1] - before[1]
+        finally:
+            store.close()
+
+    handled, received = asyncio.run(scenario())
+    assert received == 20
+    assert handled <= 1  # the stream of a first renewal counts once when it ends
+
+
+def test_a_renewal_that_times_out_never_answers_the_next(etcd1: EtcdCluster) -> None:
+    """Replies on a stream come in order: had the timed-out renewal's late reply been read
+    as the next renewal's, its deadline would count from the later send. The stream is
+    dropped on a timeout, and the next renewal gets a reply of its own."""
+    import os
+    import signal
+
+    member = etcd1.members[0]
+    assert member.proc is not None
+
+    async def scenario() -> None:
+        store = store_for(etcd1)
+        try:
+            lease = await store.grant(10)
+            assert await store.keepalive(lease.id) == 10
+            first = store._renewals
+            os.kill(member.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StoreError, match="deadline_exceeded"):
+                    await store.keepalive(lease.id)
+                assert store._renewals is None
+            finally:
+                os.kill(member.proc.pid, signal.SIGCONT)
+            # The late reply reaches the dropped stream, if any; pyetcd retries the member
+            # it marked failed after retry_member_after (2 s).
+            await asyncio.sleep(2.5)
+            assert await store.keepalive(lease.id) == 10
+            assert store._renewals is not None and store._renewals is not first
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def test_renewals_move_to_another_member_when_theirs_dies(etcd3: EtcdCluster) -> None:
+    async def scenario() -> None:
+        store = store_for(etcd3)
+        try:
+            lease = await store.grant(10)
+            assert await store.keepalive(lease.id) == 10
+            stream = store._renewals
+            assert stream is not None
+            serving = next(m for m in etcd3.members
+                           if f":{m.client_port}" in stream.member.netloc)
+            etcd3.kill(serving)
+            assert await store.keepalive(lease.id) == 10  # one call: retried on another
+            assert store._renewals is not None and store._renewals.member is not stream.member
+        finally:
+            store.close()
+
+    asyncio.run(scenario())

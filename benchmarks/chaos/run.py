@@ -27,8 +27,8 @@ from benchmarks.chaos.scenarios import QUICK, SCENARIOS, Ctx, Scenario
 from benchmarks.chaos.world import (
     BASELINE_MAX_AGE,
     DESIGNS,
-    FAST_TIMING,
     NODES,
+    PROFILES,
     Sim,
     Testbed,
     proc_usage,
@@ -85,7 +85,8 @@ def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
         time.sleep(0.3)
         t_fault = time.time()
         scenario.fault(ctx)
-        scenario.hold(ctx, min(scenario.duration, max_hold or scenario.duration))
+        held = scenario.held(bed.lease_ttl)
+        scenario.hold(ctx, min(held, max_hold or held))
         t_heal = time.time()
         scenario.heal(ctx)
         time.sleep(settle)
@@ -151,10 +152,10 @@ def steady(bed: Testbed, design_name: str, seconds: float) -> dict[str, Any]:
         time.sleep(WARMUP)
         pids = {n: design.pids(n) for n in NODES}
         cpu0 = {n: proc_usage(p)[0] for n, p in pids.items()}
-        req0, t0 = bed.etcd_requests(), time.monotonic()
+        req0, msg0, t0 = bed.etcd_requests(), bed.etcd_messages(), time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - t0
-        req1 = bed.etcd_requests()
+        req1, msg1 = bed.etcd_requests(), bed.etcd_messages()
         usage = {n: proc_usage(p) for n, p in pids.items()}
     finally:
         try:
@@ -168,6 +169,8 @@ def steady(bed: Testbed, design_name: str, seconds: float) -> dict[str, Any]:
                                  for n in NODES},
         "rss_mib": {n: round(usage[n][1], 1) for n in NODES},
         "etcd_requests_per_second_per_agent": round((req1 - req0) / elapsed / len(NODES), 1)
+        if design_name == "bpleader" else None,
+        "etcd_messages_per_second_per_agent": round((msg1 - msg0) / elapsed / len(NODES), 1)
         if design_name == "bpleader" else None,
     }
 
@@ -214,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--quick", action="store_true",
                    help=f"1 trial of {', '.join(QUICK)}, short settle, short steady run")
-    p.add_argument("--scenarios", default="", help="comma-separated subset")
+    p.add_argument("--scenarios", default="",
+                   help="comma-separated subset; 'none' for the steady run alone")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="fast",
+                   help="the agents' timing: fast (lease 2 s) or default (lease 5 s)")
     p.add_argument("--designs", default="bpleader,keepalived")
     p.add_argument("--chain", choices=("savanna", "legacy"), default="savanna",
                    help="a Savanna chain (each agent moves its node's finalizer key; the "
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"chaos benchmark cannot run: {why}", file=sys.stderr)
         return 2
-    names = [s for s in args.scenarios.split(",") if s] or (
+    names = [] if args.scenarios == "none" else [s for s in args.scenarios.split(",") if s] or (
         list(QUICK) if args.quick else list(SCENARIOS))
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Network(work) as net:
             bed = Testbed.create(net, work, savanna=args.chain == "savanna",
-                                 etcd_delay=args.etcd_rtt / 2000.0)
+                                 etcd_delay=args.etcd_rtt / 2000.0, profile=args.profile)
             for name in names:
                 sc = SCENARIOS[name]
                 for design in designs:
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"started": started, "seconds": round(time.time() - started, 1),
                  "trials": trials_n, "quick": args.quick, "scenarios": names,
                  "chain": args.chain, "etcd_rtt_ms": args.etcd_rtt,
-                 "timing": FAST_TIMING, "baseline_max_age": BASELINE_MAX_AGE,
+                 "profile": args.profile, "timing": PROFILES[args.profile],
+                 "baseline_max_age": BASELINE_MAX_AGE,
                  "scenario_defs": {n: {k: v for k, v in asdict(SCENARIOS[n]).items()
                                        if k in ("title", "duration", "expect_failover",
                                                 "designs")} for n in names}},

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.chaos.net import Network
-from benchmarks.chaos.world import LEASE_TTL, Design, Sim, Testbed
+from benchmarks.chaos.world import Design, Sim, Testbed
 
 
 @dataclass
@@ -44,6 +44,14 @@ class Scenario:
     expect_failover: int
     designs: tuple[str, ...] = ("bpleader", "keepalived")
     hold: Callable[[Ctx, float], None] = _hold
+    ttls: float = 0.0  # if > 0, the fault is held this many lease TTLs instead
+
+    def held(self, lease_ttl: float) -> float:
+        """Seconds the fault is held with a given lease TTL: a failover must fit in the
+        hold, and one takes longer with a longer lease (durations are set for 2 s)."""
+        if self.ttls:
+            return self.ttls * lease_ttl
+        return self.duration + (1.5 * (lease_ttl - 2) if self.expect_failover else 0.0)
 
 
 def _cut_leader(ctx: Ctx) -> None:
@@ -78,6 +86,10 @@ def _freeze(ctx: Ctx) -> None:
 
 def _thaw(ctx: Ctx) -> None:
     ctx.design.thaw(ctx.leader)
+
+
+def _graceful_stop(ctx: Ctx) -> None:
+    ctx.design.graceful_stop(ctx.leader)
 
 
 def _desync(ctx: Ctx) -> None:
@@ -143,8 +155,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _block_peers, _heal_both, 8.0, 0),
     Scenario("leader_killed", "leader's agent / keepalived SIGKILLed",
              _kill, _restart, 8.0, 1),
-    Scenario("leader_frozen", f"leader's agent / keepalived SIGSTOPped 3 x TTL "
-             f"({3 * LEASE_TTL:g} s)", _freeze, _thaw, 3 * LEASE_TTL, 1),
+    Scenario("leader_frozen", "leader's agent / keepalived SIGSTOPped 3 x lease TTL",
+             _freeze, _thaw, 6.0, 1, ttls=3),
+    Scenario("graceful_stop", "leader's agent / keepalived stopped with SIGTERM "
+             "(systemctl stop)", _graceful_stop, _restart, 6.0, 1),
     Scenario("nodeos_desync", "leader's nodeos out of sync (head stops)",
              _desync, _resync, 10.0, 1),
     Scenario("switchover", "planned switchover (bpleader switchover / stop keepalived)",

@@ -46,7 +46,12 @@ FAST_TIMING: dict[str, float] = {
     "lease_ttl": 2, "keepalive_interval": 0.3, "fence_guard": 0.9, "takeover_delay": 0.5,
     "check_interval": 0.25, "continuity_timeout": 3.0, "doppelganger_quiet": 10.0,
 }
-LEASE_TTL = float(FAST_TIMING["lease_ttl"])
+# The agent's defaults (config.TimingConfig), the profile DESIGN.md recommends.
+DEFAULT_TIMING: dict[str, float] = {
+    "lease_ttl": 5, "keepalive_interval": 1.0, "fence_guard": 1.5, "takeover_delay": 1.0,
+    "check_interval": 0.5, "continuity_timeout": 5.0, "doppelganger_quiet": 60.0,
+}
+PROFILES: dict[str, dict[str, float]] = {"fast": FAST_TIMING, "default": DEFAULT_TIMING}
 # The baseline's track script threshold: the fork's 10 s scaled to this chain. Both
 # designs call a node in sync when its head is at most 3 s old (bpleader max_head_lag).
 BASELINE_MAX_AGE = 3
@@ -144,18 +149,27 @@ class Testbed:
     workdir: Path
     finkey: str = ""  # Savanna: the producer's finkey permission key; "": legacy chain
     etcd_delay: float = 0.0  # seconds added each way between the agents and etcd
+    profile: str = "fast"  # the agents' timing: a key of PROFILES
     etcd_procs: dict[str, Proc] = field(default_factory=dict)
 
     @classmethod
     def create(cls, net: Network, workdir: Path, savanna: bool = True,
-               etcd_delay: float = 0.0) -> Testbed:
-        bed = cls(net, workdir, new_private_key() if savanna else "", etcd_delay)
+               etcd_delay: float = 0.0, profile: str = "fast") -> Testbed:
+        bed = cls(net, workdir, new_private_key() if savanna else "", etcd_delay, profile)
         for name in ETCD:
             net.add_host(name)
         for name in NODES:
             net.add_host(name, nodeos_link=True)
         bed.start_etcd()
         return bed
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return PROFILES[self.profile]
+
+    @property
+    def lease_ttl(self) -> float:
+        return float(self.timing["lease_ttl"])
 
     @property
     def endpoints(self) -> list[str]:
@@ -201,13 +215,22 @@ class Testbed:
         return ETCD[0]
 
     def etcd_requests(self) -> float:
-        """gRPC requests handled by all members since they started."""
+        """gRPC calls handled by all members since they started (a stream counts once,
+        when it ends)."""
+        return self.etcd_counter("grpc_server_handled_total")
+
+    def etcd_messages(self) -> float:
+        """gRPC messages received by all members: one per unary call, one per message on
+        a stream (each renewal on a kept keepalive stream, each watch request)."""
+        return self.etcd_counter("grpc_server_msg_received_total")
+
+    def etcd_counter(self, name: str) -> float:
         total = 0.0
         for url in self.endpoints:
             with contextlib.suppress(httpx.HTTPError):
                 text = httpx.get(f"{url}/metrics", timeout=2).text
                 for line in text.splitlines():
-                    if line.startswith("grpc_server_handled_total{"):
+                    if line.startswith(name + "{"):
                         total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -261,6 +284,10 @@ class Design:
     def switchover(self, old: str, new: str) -> None:
         raise NotImplementedError
 
+    def graceful_stop(self, node: str) -> None:
+        """What an operator's ``systemctl stop`` does to the leader's HA process."""
+        raise NotImplementedError
+
     def pids(self, node: str) -> list[int]:
         r = sh("ip", "netns", "pids", self.net.hosts[node].ns, check=False)
         return [int(w) for w in r.stdout.split()]
@@ -290,7 +317,7 @@ class Bpleader(Design):
             "etcd": {"endpoints": self._endpoints(), "prefix": self.prefix,
                      "election_timeout": ELECTION_TIMEOUT},
             "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
-            "timing": dict(FAST_TIMING),
+            "timing": dict(self.bed.timing),
             "metrics": {"listen": f"{host.ctl_ip}:9750"},
             **self._finalizer(node),
         })
@@ -340,6 +367,10 @@ class Bpleader(Design):
         for node, proc in self.agents.items():
             self.net.kill(proc, signal.SIGTERM)
             self.net.kill_host_procs(node)
+
+    def graceful_stop(self, node: str) -> None:
+        """SIGTERM the agent (not waiting for it): it pauses nodeos and resigns."""
+        os.kill(self.agents[node].pid, signal.SIGTERM)
 
     def kill_leader(self, node: str) -> None:
         """SIGKILL the agent only: its guard process (the dead-man fence) survives."""
@@ -476,6 +507,9 @@ class Keepalived(Design):
     def switchover(self, old: str, new: str) -> None:
         """`systemctl stop keepalived` on the master: SIGTERM (priority-0 advert)."""
         self._signal(old, signal.SIGTERM)
+
+    def graceful_stop(self, node: str) -> None:
+        self._signal(node, signal.SIGTERM)
 
 
 DESIGNS: dict[str, type[Design]] = {"bpleader": Bpleader, "keepalived": Keepalived}

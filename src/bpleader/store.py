@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain, grpc_status
+from bpleader.lease_stream import RenewalStream
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +419,8 @@ class EtcdStore:
         self._denied: dict[str, Backoff] = {}
         self._last_reason = ""
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="etcd")
+        self._renewals: RenewalStream | None = None
+        self._renewals_lock = threading.Lock()
 
     def _connect(self) -> Any:
         # gRPC's C core prints multi-line TLS diagnostics on stderr; the cause is in our
@@ -513,6 +517,7 @@ class EtcdStore:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _drop_client(self) -> None:
+        self._close_renewals()
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -537,12 +542,36 @@ class EtcdStore:
 
     async def keepalive(self, lease_id: int) -> int:
         def renew(c: Any) -> int:
-            responses = list(c.refresh_lease(lease_id))
-            return int(responses[0].TTL) if responses else 0
+            stream = self._renewals_on(c, lease_id)
+            try:
+                return stream.renew(self._settings.timeout)
+            except Exception as exc:
+                self._close_renewals()  # a late reply must never answer the next renewal
+                if callable(getattr(exc, "code", None)):
+                    c._manage_grpc_errors(exc)  # marks a member down failed, as for a call
+                raise
 
         return await self._run("keepalive", renew)
 
+    def _renewals_on(self, client: Any, lease_id: int) -> RenewalStream:
+        with self._renewals_lock:
+            old = self._renewals
+            if old is not None and old.client is client and old.lease_id == lease_id \
+                    and old.member == client.endpoint_in_use:
+                return old
+            if old is not None:
+                old.close()
+            self._renewals = RenewalStream(client, lease_id)
+            return self._renewals
+
+    def _close_renewals(self) -> None:
+        with self._renewals_lock:
+            stream, self._renewals = self._renewals, None
+        if stream is not None:
+            stream.close()
+
     async def revoke(self, lease_id: int) -> None:
+        self._close_renewals()
         try:
             await self._run("revoke", lambda c: c.revoke_lease(lease_id))
         except StoreError as exc:
