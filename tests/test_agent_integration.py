@@ -167,16 +167,21 @@ def test_leader_nodeos_restarted_unpaused(etcd3: EtcdCluster, tmp_path: Path) ->
             world.stop_all()
 
 
+def wait_in_sync(world: World, node: str) -> None:
+    wait_for(lambda: (s := world.snapshot()) is not None and s.records.get(node) is not None
+             and s.records[node].in_sync, 20, what=f"{node} in sync")
+
+
 @pytest.mark.parametrize("with_target", [True, False])
 def test_switchover(world: World, with_target: bool) -> None:
+    """The handover itself (``--now``); the default, timed to the gap, is tested below."""
     old = start_agents(world)
     target = other(old)
-    wait_for(lambda: (s := world.snapshot()) is not None and s.records.get(target) is not None
-             and s.records[target].in_sync, 20, what="target in sync")
+    wait_in_sync(world, target)
     args = ["--to", target] if with_target else []
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--config",
-                          str(world.agents[old].config), *args],
+    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--now",
+                          "--config", str(world.agents[old].config), *args],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert f"{old} -> {target}" in res.stdout
@@ -184,6 +189,62 @@ def test_switchover(world: World, with_target: bool) -> None:
     assert new == target
     world.sim.wait_slots(4)
     assert_no_double_production(world)
+
+
+def _head_producer(url: str) -> str:
+    return str(httpx.post(f"{url}/v1/chain/get_info", timeout=2).json()["head_block_producer"])
+
+
+def _switch_at_round_start(world: World, frm: str, to: str, *flags: str,
+                           after: int = 18, steady: bool = False) -> tuple[int, str]:
+    """Run ``switchover`` right when our producer's round begins, the worst time for a
+    handover; return how many of our slots went unsigned, and the command's output."""
+    wait_in_sync(world, to)
+    url = world.sim.node(frm).url
+    if not steady:
+        # A round of ours, then another's, then ours again: the last one starts on time (a
+        # first round may start late, with a leader resuming inside it).
+        wait_for(lambda: _head_producer(url) == PRODUCER, 20, what="a round of ours")
+    wait_for(lambda: _head_producer(url) != PRODUCER, 20, what="another producer's round")
+    wait_for(lambda: _head_producer(url) == PRODUCER, 20, what="our round starting")
+    before = world.ledger()["missed_slots"]
+    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--config",
+                          str(world.agents[frm].config), "--to", to, *flags],
+                         capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr
+    world.wait_single_producer(30, exclude=frm)
+    world.sim.wait_slots(after)  # until our next round has been signed, or not
+    return world.ledger()["missed_slots"] - before, res.stdout
+
+
+def test_switchover_in_the_gap_after_our_round_misses_no_slot(etcd3: EtcdCluster,
+                                                               tmp_path: Path) -> None:
+    """Three producers of 6 slots each: our round is 3 s, the gap after it 6 s. Asked at
+    the start of our round, the default switchover waits for the round to end and moves
+    production in the gap: no slot of ours unsigned. ``--now`` at the same moment hands
+    over inside our round and loses slots (the control: the figure can fail)."""
+    chain = {**LEGACY_CHAIN, "other_producers": ["ob1", "ob2"], "slots_per_producer": 6}
+    with SimCluster(PRODUCER, NODES, pause_on_startup=True, **chain) as sim:
+        world = World(tmp_path, etcd3.endpoints, sim)
+        try:
+            # While no node of ours produces (at start-up), our 3 s round leaves the head
+            # 3 s old: a 3 s head age would call every node out of sync.
+            for n in NODES:
+                world.add_agent(n, nodeos__max_head_lag=5.0).start()
+            old = world.wait_single_producer(30)
+            missed, out = _switch_at_round_start(world, old, other(old))
+            assert "our round just ended" in out, out
+            assert missed == 0, out
+            assert "0 slot(s) without a block" in out, out
+            missed_now, out_now = _switch_at_round_start(world, other(old), old, "--now",
+                                                         after=6, steady=True)
+            record_result("switchover timed to the gap", missed_slots=missed,
+                          missed_slots_now=missed_now)
+            assert missed_now > 0, out_now
+            assert f"{missed_now} slot(s) without a block" in out_now, out_now
+            assert_no_double_production(world)
+        finally:
+            world.stop_all()
 
 
 def test_switchover_refused_without_in_sync_target(world: World) -> None:

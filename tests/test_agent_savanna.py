@@ -154,8 +154,10 @@ def test_leader_cut_from_etcd(world: World, etcd3: EtcdCluster) -> None:
 
 
 def switchover(world: World, frm: str, to: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--config",
-                          str(world.agents[frm].config), "--to", to],
+    # --now: the handover itself, at any point of the round (the gap-timed default is
+    # tested in test_agent_integration.py).
+    res = subprocess.run([sys.executable, "-m", "bpleader.cli", "switchover", "--now",
+                          "--config", str(world.agents[frm].config), "--to", to],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
 

@@ -40,17 +40,18 @@ def test_chaos_quick(tmp_path: Path) -> None:
         pytest.skip(f"ip netns is unusable here: {reason}")
     from benchmarks.chaos.run import main
 
-    assert main(["--quick", "--scenarios", "split_brain,peer_link_cut", "--steady", "5",
+    # One scenario of both designs keeps this inside the suite's budget; the benchmark
+    # itself runs every scenario (peer_link_cut's figures are in the README).
+    assert main(["--quick", "--scenarios", "split_brain", "--steady", "5",
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     trials = result["trials"]
-    assert {t["scenario"] for t in trials} == {"split_brain", "peer_link_cut"}
+    assert {t["scenario"] for t in trials} == {"split_brain"}
     for t in trials:
         if t["design"] == "bpleader":
             assert t["double_produced_slots"] == 0, t["scenario"]
             assert t["double_produced_heights"] == 0, t["scenario"]
-            # bpleader keeps or restores exactly one producer.
-            assert t["time_to_new_producer"] is not None or t["scenario"] == "peer_link_cut"
+            assert t["time_to_new_producer"] is not None  # production moved, once
     split = [t for t in trials if t["scenario"] == "split_brain"]
     assert any(t["design"] == "keepalived" and t["double_produced_slots"] > 0
                for t in split), "the baseline did not double-produce in the split brain"
@@ -61,3 +62,6 @@ def test_chaos_quick(tmp_path: Path) -> None:
                   and r["design"] == "bpleader")["time_to_new_producer"]["median"]
     assert f"| control link cut, fault to new producer | {median:.2f} |" in report
     assert "| planned switchover, fault to new producer | not in this run |" in report
+    # At rest, renewals are messages on a kept stream, not calls of their own.
+    ours = next(r for r in result["resources"] if r["design"] == "bpleader")
+    assert ours["etcd_messages_per_second_per_agent"] > ours["etcd_requests_per_second_per_agent"]

@@ -75,6 +75,9 @@ FAILOVER_GOAL = {"fast": 2.5, "default": 5.7}
 GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("planned switchover, fault to new producer", "switchover", "median", "<= 0.4 s", 0.4),
     ("planned switchover, missed slots of ours", "switchover", "missed", "0", 0.0),
+    ("switchover on a chain with a gap, missed slots of ours", "switchover_gap", "missed",
+     "0", 0.0),
+    ("the same with --now, missed slots of ours", "switchover_gap_now", "missed", "0", 0.0),
     ("graceful stop (SIGTERM), fault to new producer", "graceful_stop", "median", "<= 0.4 s",
      0.4),
     ("agent killed, fault to new producer", "leader_killed", "median", "", FAILOVER),

@@ -70,7 +70,7 @@ def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
               settle: float, max_hold: float | None = None) -> dict[str, Any]:
     tdir = bed.workdir / f"{scenario.name}-{design_name}-{index}"
     tdir.mkdir(parents=True, exist_ok=True)
-    sim = Sim(bed.net, tdir, bed.finkey)
+    sim = Sim(bed.net, tdir, bed.finkey, list(scenario.chain))
     design = DESIGNS[design_name](bed, sim, tdir)
     poller = Poller(sim.control)
     try:

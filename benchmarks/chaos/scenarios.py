@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.chaos.net import Network
-from benchmarks.chaos.world import Design, Sim, Testbed
+from benchmarks.chaos.world import CHAIN, GAP_CHAIN, Design, Sim, Testbed
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Scenario:
     designs: tuple[str, ...] = ("bpleader", "keepalived")
     hold: Callable[[Ctx, float], None] = _hold
     ttls: float = 0.0  # if > 0, the fault is held this many lease TTLs instead
+    chain: tuple[str, ...] = tuple(CHAIN)  # the simulated chain's schedule
 
     def held(self, lease_ttl: float) -> float:
         """Seconds the fault is held with a given lease TTL: a failover must fit in the
@@ -102,6 +103,10 @@ def _resync(ctx: Ctx) -> None:
 
 def _switchover(ctx: Ctx) -> None:
     ctx.design.switchover(ctx.leader, ctx.other)
+
+
+def _switchover_now(ctx: Ctx) -> None:
+    ctx.design.switchover(ctx.leader, ctx.other, now=True)
 
 
 def _after_switchover(ctx: Ctx) -> None:
@@ -163,6 +168,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _desync, _resync, 10.0, 1),
     Scenario("switchover", "planned switchover (bpleader switchover / stop keepalived)",
              _switchover, _after_switchover, 6.0, 1),
+    Scenario("switchover_gap", "planned switchover on a chain with a gap after our round "
+             "(bpleader: timed to the gap, the default / stop keepalived)",
+             _switchover, _after_switchover, 14.0, 1, chain=tuple(GAP_CHAIN)),
+    Scenario("switchover_gap_now", "the same with `bpleader switchover --now`",
+             _switchover_now, _after_switchover, 8.0, 1, chain=tuple(GAP_CHAIN)),
     Scenario("etcd_minority", "etcd leader member partitioned (minority)",
              _cut_etcd, _heal_etcd, 8.0, 0, designs=("bpleader",)),
     Scenario("p2p_cut", "leader's nodeos cut from the chain's p2p network (keeps etcd)",

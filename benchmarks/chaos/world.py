@@ -40,6 +40,10 @@ ETCD = ("etcd0", "etcd1", "etcd2")
 # integration tests): without it a standby's head would stop with the leader.
 CHAIN = ["--other-producers", "otherbp", "--slots-per-producer", "4",
          "--block-interval", "0.5"]
+# A chain with a gap after our round (ours 4 s, then 8 s of two other producers), where a
+# switchover timed to the gap can move production without a slot of ours due.
+GAP_CHAIN = ["--other-producers", "ob1,ob2", "--slots-per-producer", "8",
+             "--block-interval", "0.5"]
 BLOCK_INTERVAL = 0.5
 # DESIGN.md's fast profile (tests/harness.py FAST_TIMING).
 FAST_TIMING: dict[str, float] = {
@@ -88,16 +92,21 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class Sim:
     """The nodeos simulator of one trial (root namespace, all addresses)."""
 
-    def __init__(self, net: Network, workdir: Path, finkey: str = "") -> None:
+    def __init__(self, net: Network, workdir: Path, finkey: str = "",
+                 shape: list[str] = CHAIN) -> None:
         """``finkey``: the K1 private key of the producer's ``finkey`` permission on a
-        Savanna chain; empty for a legacy chain."""
+        Savanna chain; empty for a legacy chain. ``shape``: CHAIN or GAP_CHAIN."""
+        # While no node of ours produces (start-up), our round leaves the head as old as
+        # the round is long: both designs' head-age threshold must cover it.
+        round_s = int(shape[shape.index("--slots-per-producer") + 1]) * BLOCK_INTERVAL
+        self.max_head_lag = max(3.0, round_s + 1.0)
         self.ports = {n: free_port() for n in NODES}
         ready = workdir / "sim.ready"
         ready.unlink(missing_ok=True)
         chain = ["--finalizer-permission", f"finkey={public_key_of(finkey)}"] if finkey \
             else ["--legacy"]
         args = [PYTHON, "-m", "bpleader.cli", "sim", "--producer", PRODUCER,
-                "--nodes", ",".join(NODES), *CHAIN, *chain, "--pause-on-startup-all",
+                "--nodes", ",".join(NODES), *shape, *chain, "--pause-on-startup-all",
                 "--host", "0.0.0.0", "--ready-file", str(ready), "--log-level", "WARNING"]
         # base-port would need consecutive free ports; ephemeral ports are read back.
         self.proc = net.spawn(None, args, workdir / "sim.log",
@@ -281,7 +290,7 @@ class Design:
     def restart(self, node: str) -> None:
         raise NotImplementedError
 
-    def switchover(self, old: str, new: str) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> None:
         raise NotImplementedError
 
     def graceful_stop(self, node: str) -> None:
@@ -316,7 +325,8 @@ class Bpleader(Design):
             "node": {"name": node, "producer": PRODUCER},
             "etcd": {"endpoints": self._endpoints(), "prefix": self.prefix,
                      "election_timeout": ELECTION_TIMEOUT},
-            "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3, "max_head_lag": 3.0},
+            "nodeos": {"url": self.sim.url_from(node), "timeout": 0.3,
+                       "max_head_lag": self.sim.max_head_lag},
             "timing": dict(self.bed.timing),
             "metrics": {"listen": f"{host.ctl_ip}:9750"},
             **self._finalizer(node),
@@ -386,9 +396,11 @@ class Bpleader(Design):
         self.net.kill_host_procs(node)
         self._spawn(node)
 
-    def switchover(self, old: str, new: str) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> None:
+        """``bpleader switchover --to new``: timed to the gap after our round unless
+        ``now``."""
         subprocess.Popen([PYTHON, "-m", "bpleader.cli", "switchover", "--config",
-                          str(self.configs[new]), "--to", new],
+                          str(self.configs[new]), "--to", new, *(["--now"] if now else [])],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**os.environ, "PYTHONPATH": str(SRC)})
 
@@ -450,7 +462,8 @@ class Keepalived(Design):
         first = node == NODES[0]
         path = self.dir / f"{node}.keepalived.conf"
         path.write_text(KEEPALIVED_CONF.format(
-            node=node, run=self.dir, url=self.sim.url_from(node), max_age=BASELINE_MAX_AGE,
+            node=node, run=self.dir, url=self.sim.url_from(node),
+            max_age=max(BASELINE_MAX_AGE, int(self.sim.max_head_lag)),
             state="MASTER" if first else "BACKUP", priority=200 if first else 100,
             src=hosts[node].ctl_ip, peer=hosts[peer].ctl_ip, vip=self.net.vip))
         return path
@@ -504,7 +517,7 @@ class Keepalived(Design):
         self.net.kill_host_procs(node)
         self._spawn(node)
 
-    def switchover(self, old: str, new: str) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> None:
         """`systemctl stop keepalived` on the master: SIGTERM (priority-0 advert)."""
         self._signal(old, signal.SIGTERM)
 

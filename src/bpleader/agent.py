@@ -34,6 +34,7 @@ from bpleader.clock import Clock
 from bpleader.election import Session
 from bpleader.finalizer import PROBE, KeyFailover, KeySwitcher
 from bpleader.nodeos import (
+    BLOCK_INTERVAL,
     ChainInfo,
     FinalizerInfo,
     NodeosApiMissing,
@@ -55,7 +56,6 @@ DOPPELGANGER_MARGIN = 0.6
 # The watch must last until the first block past that margin could have arrived (one
 # more slot, plus propagation): with a shorter takeover delay the check would be blind.
 DOPPELGANGER_WATCH = DOPPELGANGER_MARGIN + 0.5 + 0.1
-BLOCK_INTERVAL = 0.5  # seconds per slot on every Antelope chain
 CLOCK_MARGIN = 0.1  # how far this host's wall clock may be from the block producers'
 # Savanna: a leader whose last record shows its LIB this far behind its head was losing
 # the network's votes (cut from p2p?) and may have gone on signing blocks nobody saw.

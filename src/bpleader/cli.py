@@ -39,8 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     sw = with_config("switchover", "planned handover: the leader pauses and resigns, the "
-                                   "target (or any in-sync node) takes over")
+                                   "target (or any in-sync node) takes over; by default "
+                                   "in the gap after the producer's round, so that no slot "
+                                   "of ours goes unsigned")
     sw.add_argument("--to", metavar="NODE", help="the node that should take over")
+    sw.add_argument("--now", action="store_true",
+                    help="hand over at once, not in the gap after our round (slots of ours "
+                         "that fall in the handover go unsigned)")
+    sw.add_argument("--gap-wait", type=float, default=30.0, metavar="SECONDS",
+                    help="how long to wait for the gap before switching anyway (default 30; "
+                         "a round of 12 slots is 6 s)")
     sw.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                     help="how long to wait for the new leader (default 30)")
 
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return ops.status_command(cfg, args.json)
     if args.command == "switchover":
-        return ops.switchover_command(cfg, args.to, args.wait)
+        return ops.switchover_command(cfg, args.to, args.wait,
+                                      0.0 if args.now else args.gap_wait)
     return ops.maintenance_command(cfg, args.state == "on", args.reason)
 
 

@@ -52,6 +52,9 @@ class NodeosBadResponse(NodeosError):
     pass
 
 
+BLOCK_INTERVAL = 0.5  # seconds per slot on every Antelope chain
+
+
 @dataclass(frozen=True)
 class ChainInfo:
     head_block_num: int
@@ -348,6 +351,19 @@ class NodeosClient:
     async def finalizer_info(self, budget: float | None = None) -> FinalizerInfo:
         return parse_finalizer_info(await self._call(
             "get_finalizer_info", "/v1/chain/get_finalizer_info", budget))
+
+    async def producer_schedule(self, budget: float | None = None) -> list[str]:
+        """The active schedule's producer names, in the order they take their rounds."""
+        data = await self._call("get_producer_schedule", "/v1/chain/get_producer_schedule",
+                                budget)
+        active = data.get("active") if isinstance(data, dict) else None
+        producers = active.get("producers") if isinstance(active, dict) else None
+        if not isinstance(producers, list) or not producers:
+            raise NodeosBadResponse("get_producer_schedule", "expected active.producers")
+        names = [p.get("producer_name") if isinstance(p, dict) else None for p in producers]
+        if not all(isinstance(n, str) and n for n in names):
+            raise NodeosBadResponse("get_producer_schedule", "a producer without a name")
+        return [str(n) for n in names]
 
     async def table_rows(self, table: str, budget: float | None = None) -> list[Any]:
         """Rows of an ``eosio`` table (scope ``eosio``): finkeys, finalizers."""

@@ -10,9 +10,12 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from bpleader.config import Config
+from bpleader.nodeos import BLOCK_INTERVAL, ChainInfo, NodeosClient, NodeosError
+from bpleader.rounds import count_unsigned, wait_for_gap
 from bpleader.service import make_store
 from bpleader.store import EtcdStore, Snapshot, StoreError
 
@@ -136,12 +139,27 @@ def _switchover_refusal(snap: Snapshot, target: str | None) -> str:
     return ""
 
 
-async def _switchover(store: EtcdStore, target: str | None, ttl: int,
-                      wait: float) -> tuple[int, str]:
+async def _switchover(store: EtcdStore, target: str | None, ttl: int, wait: float,
+                      chain: NodeosClient | None, producer: str, gap_wait: float,
+                      say: Callable[[str], None]) -> tuple[int, str]:
     snap = await store.snapshot()
     why = _switchover_refusal(snap, target)
     if why:
         return 1, f"switchover refused: {why}"
+    start: ChainInfo | None = None
+    if chain is not None and gap_wait > 0:
+        say(f"waiting for the gap after {producer}'s round (at most {gap_wait:g} s; "
+            "--now switches at once)")
+        gap = await wait_for_gap(chain, producer, gap_wait)
+        say(f"{'switching' if gap.timed else 'switching anyway'} after {gap.waited:.1f} s: "
+            f"{gap.why}")
+        start = gap.head
+        snap = await store.snapshot()  # the wait may have seen a failover
+        why = _switchover_refusal(snap, target)
+        if why:
+            return 1, f"switchover refused: {why}"
+    elif chain is not None:
+        start = await _head(chain)
     old = snap.leader
     assert old is not None
     await store.request_switchover(target or "", ttl)
@@ -153,15 +171,50 @@ async def _switchover(store: EtcdStore, target: str | None, ttl: int,
         rec = now.records.get(new.node) if new else None
         if new and new.node != old.node and rec is not None and rec.role == "leader" \
                 and rec.paused is False:
-            return 0, f"switchover done: {old.node} -> {new.node}"
+            done = f"switchover done: {old.node} -> {new.node}"
+            return 0, done + await _unsigned_since(chain, start)
     return 1, f"switchover requested, but no new leader producing within {wait:.0f} s"
 
 
-def switchover_command(cfg: Config, target: str | None, wait: float = 30.0) -> int:
+async def _head(chain: NodeosClient) -> ChainInfo | None:
+    try:
+        return await chain.get_info(budget=1.0)
+    except NodeosError:
+        return None
+
+
+async def _unsigned_since(chain: NodeosClient | None, start: ChainInfo | None) -> str:
+    """How many slots went without a block from the switchover's start until the first
+    slot after the new leader resumed (the head past it tells, within 3 s)."""
+    if chain is None or start is None:
+        return ""
+    first = time.time() + BLOCK_INTERVAL
+    end = None
+    for _ in range(30):
+        end = await _head(chain)
+        if end is not None and end.head_block_time >= first:
+            break
+        await asyncio.sleep(0.1)
+    if end is None:
+        return "; nodeos did not answer: slots without a block not counted"
+    return (f"; {count_unsigned(start, end)} slot(s) without a block between #"
+            f"{start.head_block_num} and #{end.head_block_num}")
+
+
+def switchover_command(cfg: Config, target: str | None, wait: float = 30.0,
+                       gap_wait: float = 30.0) -> int:
+    """``gap_wait`` > 0: hand over in the gap after our round (see :mod:`bpleader.rounds`);
+    0 (``--now``): at once."""
     store = make_store(cfg)
     ttl = max(10, int(cfg.timing.lease_ttl) * 3)
+
+    async def run() -> tuple[int, str]:
+        async with NodeosClient(cfg.nodeos.url, cfg.nodeos.timeout) as chain:
+            return await _switchover(store, target, ttl, wait, chain, cfg.node.producer,
+                                     gap_wait, lambda line: print(line, flush=True))
+
     try:
-        code, message = asyncio.run(_switchover(store, target, ttl, wait))
+        code, message = asyncio.run(run())
     except StoreError as exc:
         code, message = 2, f"error: {exc}"
     finally:
