@@ -171,8 +171,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("switchover_gap", "planned switchover on a chain with a gap after our round "
              "(bpleader: timed to the gap, the default / stop keepalived)",
              _switchover, _after_switchover, 14.0, 1, chain=tuple(GAP_CHAIN)),
-    Scenario("switchover_gap_now", "the same with `bpleader switchover --now`",
-             _switchover_now, _after_switchover, 8.0, 1, chain=tuple(GAP_CHAIN)),
+    Scenario("switchover_gap_now", "the same with `bpleader switchover --now` (the "
+             "baseline's is the same SIGTERM as above)", _switchover_now, _after_switchover,
+             8.0, 1, chain=tuple(GAP_CHAIN), designs=("bpleader",)),
     Scenario("etcd_minority", "etcd leader member partitioned (minority)",
              _cut_etcd, _heal_etcd, 8.0, 0, designs=("bpleader",)),
     Scenario("p2p_cut", "leader's nodeos cut from the chain's p2p network (keeps etcd)",
