@@ -27,18 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from benchmarks.chaos.world import PYTHON, SRC, write_toml
+from benchmarks.chaos.world import DEFAULT_TIMING, PYTHON, SRC, write_toml
 
 from bpleader.fence import kill_guards
 from bpleader.localetcd import ELECTION_TIMEOUT
 
 if TYPE_CHECKING:
     from bpleader.sim import SimCluster
-
-DEFAULT_TIMING: dict[str, float] = {
-    "lease_ttl": 5, "keepalive_interval": 1.0, "fence_guard": 1.5, "takeover_delay": 1.0,
-    "check_interval": 0.5,
-}
 
 
 def _account(i: int) -> str:

@@ -140,14 +140,13 @@ def _switchover_refusal(snap: Snapshot, target: str | None) -> str:
 
 
 async def _switchover(store: EtcdStore, target: str | None, ttl: int, wait: float,
-                      chain: NodeosClient | None, producer: str, gap_wait: float,
+                      chain: NodeosClient, producer: str, gap_wait: float,
                       say: Callable[[str], None]) -> tuple[int, str]:
     snap = await store.snapshot()
     why = _switchover_refusal(snap, target)
     if why:
         return 1, f"switchover refused: {why}"
-    start: ChainInfo | None = None
-    if chain is not None and gap_wait > 0:
+    if gap_wait > 0:
         say(f"waiting for the gap after {producer}'s round (at most {gap_wait:g} s; "
             "--now switches at once)")
         gap = await wait_for_gap(chain, producer, gap_wait)
@@ -158,7 +157,7 @@ async def _switchover(store: EtcdStore, target: str | None, ttl: int, wait: floa
         why = _switchover_refusal(snap, target)
         if why:
             return 1, f"switchover refused: {why}"
-    elif chain is not None:
+    else:
         start = await _head(chain)
     old = snap.leader
     assert old is not None
@@ -183,11 +182,11 @@ async def _head(chain: NodeosClient) -> ChainInfo | None:
         return None
 
 
-async def _unsigned_since(chain: NodeosClient | None, start: ChainInfo | None) -> str:
+async def _unsigned_since(chain: NodeosClient, start: ChainInfo | None) -> str:
     """How many slots went without a block from the switchover's start until the first
     slot after the new leader resumed (the head past it tells, within 3 s)."""
-    if chain is None or start is None:
-        return ""
+    if start is None:
+        return ""  # nodeos did not answer when the switchover started
     first = time.time() + BLOCK_INTERVAL
     end = None
     for _ in range(30):
