@@ -253,6 +253,9 @@ class FakeStore:
     async def revoke(self, lease_id: int) -> None:
         self.kv = {k: v for k, v in self.kv.items() if v[2] != lease_id}
 
+    def watch(self, on_change: Callable[[], None]) -> None:
+        return None  # the fuzz tests read on every tick
+
     async def snapshot(self) -> Snapshot:
         snap = parse_snapshot(self.keys, self.revision, self._all())
         self.snapshots.append(snap)
@@ -270,11 +273,12 @@ class FakeStore:
             return key_rev[1] == me.create_revision and min(revs) == me.create_revision
         return False
 
-    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+    async def resign(self, me: Candidate, last_head: int = 0, stopped: float = 0.0) -> None:
         self.kv.pop(me.key, None)
         if last_head > 0:
             self.kv[self.keys.handover(me.node)] = (
-                handover_value(me.node, last_head).encode(), 1, 0)
+                handover_value(me.node, last_head, me.create_revision, stopped).encode(), 1,
+                0)
 
     async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
         self.kv[self.keys.node(record.node)] = (record.to_json().encode(), 1, lease_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from bpleader.agent import DOPPELGANGER_WATCH, Role
+from bpleader.agent import BLOCK_INTERVAL, CLOCK_MARGIN, PROPAGATION, Role
 from bpleader.simworld import Scenario, World
 from bpleader.simworld.scenario import FAST_TIMING
 from bpleader.simworld.scenario import Rounds as Schedule
@@ -47,7 +47,13 @@ def test_startup_one_leader_resumes_after_the_takeover_delay() -> None:
         lead = leader_of(w)
         won = when(w, lead, r"-> taking_over")
         resumed = when(w, lead, r"event=resumed")
-        wait = max(T.takeover_delay, DOPPELGANGER_WATCH)  # layer 7 needs one slot to look
+        agent = w.nodes[lead].agent
+        assert agent is not None and not agent._handed_over  # nobody led before it
+        wait = agent._takeover_wait()
+        # Layer 5: one takeover delay after a previous leader's pause could have landed;
+        # layer 7: until the first block stamped after that could have reached us.
+        assert wait >= T.takeover_delay + T.nodeos_timeout - T.fence_guard
+        assert 0 < wait <= BLOCK_INTERVAL + CLOCK_MARGIN + PROPAGATION
         assert resumed - won >= wait
         assert resumed - won < wait + 2 * T.check_interval
         for n in w.nodes.values():
@@ -71,7 +77,9 @@ def test_frozen_leader_is_paused_by_its_guard_before_its_lease_ends() -> None:
         assert paused < expired, "the guard must act before etcd frees the lock"
         new = leader_of(w)
         assert new != old
-        assert when(w, new, r"event=resumed", frozen_at) >= expired + DOPPELGANGER_WATCH
+        agent = w.nodes[new].agent
+        assert agent is not None and not agent._handed_over  # the old leader vanished
+        assert when(w, new, r"event=resumed", frozen_at) >= expired + agent._takeover_wait()
         w.nodes[old].thaw(w.nodes[old].process)  # type: ignore[arg-type]
         w.run_until(w.loop.time() + 5.0)
         assert leader_of(w) == new and w.nodes[old].nodeos.pause_flag
@@ -126,7 +134,7 @@ def test_killed_leader_is_replaced_one_lease_later() -> None:
         took = when(w, new, r"event=resumed", at) - at
         # The orphaned guard pauses at deadline - fence_guard; the lease must expire on
         # etcd's clock before anyone else can win; then the takeover delay.
-        assert T.lease_ttl - T.keepalive_interval <= took <= T.lease_ttl + DOPPELGANGER_WATCH + 1
+        assert T.lease_ttl - T.keepalive_interval <= took <= T.lease_ttl + 0.6 + 1
         assert w.nodes[old].nodeos.pause_flag
         assert not w.violations
     finally:
@@ -186,5 +194,37 @@ def test_start_up_reports_what_the_chain_lacks_with_the_cleos_commands() -> None
         text = w.trace.text()
         assert "event=finalizer_setup" in text
         assert "cleos set action permission mybp eosio actfinkey finkey" in text
+    finally:
+        w.close()
+
+
+def test_a_switchover_hands_over_within_a_slot_and_misses_no_slot_of_ours() -> None:
+    """Layers 5 and 10 on evidence instead of a blind wait: the old leader pauses, waits
+    for its last block and resigns with that head and its slot's end; the successor,
+    woken by its watch, resumes once that block is in its head, in time to sign the
+    next slot of ours."""
+    w = world(2, schedule=Schedule(ours=8, others=1))
+    try:
+        w.run_until(8.0)
+        old = leader_of(w)
+        new = next(n for n in w.nodes if n != old)
+        ledger = w.model.ledger
+        # Just after one of our slots began: the handover falls inside our round.
+        slot = (int(w.loop.time() / BLOCK_INTERVAL) + 1) * BLOCK_INTERVAL
+        while ledger.our_slots == 0 or w.model.schedule.producer_at(int(slot / 0.5)) != "mybp":
+            slot += BLOCK_INTERVAL
+        w.run_until(slot + 0.05)
+        missed, ours = ledger.missed_slots, ledger.our_slots
+        w.etcd.request_switchover(new, 5)
+        at = w.loop.time()
+        w.run_until(at + 3.0)
+        assert leader_of(w) == new
+        paused = when(w, old, r"nodeos paused by agent", at)
+        resumed = when(w, new, r"nodeos resumed by agent", at)
+        agent = w.nodes[new].agent
+        assert agent is not None and agent._handed_over
+        assert resumed - paused <= BLOCK_INTERVAL + 0.05, w.trace.text()[-3000:]
+        assert ledger.our_slots > ours and ledger.missed_slots == missed
+        assert not w.violations
     finally:
         w.close()

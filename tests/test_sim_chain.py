@@ -134,6 +134,32 @@ def test_two_unpaused_nodes_in_one_slot_double_produce() -> None:
                                                                        ("bp-b", False)]
 
 
+def test_a_resume_in_the_middle_of_our_slot_signs_that_slot_at_once() -> None:
+    """Spring's resume starts a block for the slot in progress: a new leader resumed
+    while the old one's block of that slot is being signed produces the slot twice;
+    one resumed once its head has that slot's block waits for the next slot."""
+    engine, clock = make({"bp-a": True, "bp-b": False})
+    run_slots(engine, clock, 4, into_slot=0.1)  # bp-b produces; 0.1 s into a slot
+    engine.pause("bp-b")  # its block of this slot is still signed at the slot's end
+    engine.resume("bp-a")  # same slot: bp-a begins a block for it at once
+    run_slots(engine, clock, 1)
+    s = engine.summary()
+    assert s["double_produced_slots"] == 1
+    assert s["blocks_by_node"]["bp-a"] == 1
+
+    engine, clock = make({"bp-a": True, "bp-b": False})
+    run_slots(engine, clock, 4, into_slot=0.1)
+    engine.pause("bp-b")
+    run_slots(engine, clock, 1, into_slot=0.1)  # bp-b's last block is out and seen
+    signed = engine.summary()["blocks_by_node"]["bp-b"]
+    engine.resume("bp-a")  # in the next slot: bp-a signs it, on bp-b's last block
+    run_slots(engine, clock, 3)
+    s = engine.summary()
+    assert s["double_produced_slots"] == 0 and s["double_produced_heights"] == 0
+    assert s["blocks_by_node"]["bp-b"] == signed
+    assert s["blocks_by_node"]["bp-a"] == 3 and s["missed_slots"] == 0
+
+
 def test_a_lagging_node_signs_on_a_stale_head_double_producing_a_height() -> None:
     engine, clock = make({"bp-a": True, "bp-b": False})
     run_slots(engine, clock, 6, into_slot=0.1)  # bp-b produces heights 2..6
@@ -144,6 +170,7 @@ def test_a_lagging_node_signs_on_a_stale_head_double_producing_a_height() -> Non
     stale = engine.get_info("bp-a").head.height
     assert stale < engine.get_info("bp-b").head.height
     engine.pause("bp-b")  # its block in progress is still signed at the slot's end
+    run_slots(engine, clock, 1, into_slot=0.1)  # (a resume now would sign this slot too)
     engine.resume("bp-a")  # a handover to a node whose head is behind
     run_slots(engine, clock, 8)
     s = engine.summary()
@@ -169,11 +196,12 @@ def test_a_healthy_handover_does_not_double_produce() -> None:
     engine, clock = make({"bp-a": True, "bp-b": False})
     run_slots(engine, clock, 6, into_slot=0.1)
     engine.pause("bp-b")  # mid-slot: bp-b's block of this slot is still signed
-    engine.resume("bp-a")  # too late for this slot: bp-a signs from the next one
-    run_slots(engine, clock, 6)
+    run_slots(engine, clock, 1, into_slot=0.1)  # it is out and seen by bp-a
+    engine.resume("bp-a")  # bp-a signs the slot in progress, on bp-b's last block
+    run_slots(engine, clock, 5)
     s = engine.summary()
     assert s["double_produced_slots"] == s["double_produced_heights"] == s["forks"] == 0
-    assert s["blocks_by_node"] == {"bp-a": 5, "bp-b": 6}
+    assert s["blocks_by_node"] == {"bp-a": 5, "bp-b": 6} and s["missed_slots"] == 0
     assert [b["height"] for b in blocks_of(engine)] == list(range(2, 13))
 
 
@@ -183,13 +211,13 @@ def test_pause_mid_slot_does_not_undo_the_block_begun_at_the_slot_start() -> Non
     engine.pause("bp-a")
     run_slots(engine, clock, 1, into_slot=0.2)  # k ends (signed anyway); k+1 begins
     assert engine.summary()["blocks_by_node"] == {"bp-a": 1}
-    engine.resume("bp-a")  # mid-slot k+1: too late for it
-    run_slots(engine, clock, 1)  # k+1 ends, missed; k+2 begins with bp-a
+    engine.resume("bp-a")  # mid-slot k+1: as Spring, it begins k+1's block at once
+    run_slots(engine, clock, 1)  # k+1 ends, signed; k+2 begins with bp-a
     s = engine.summary()
-    assert s["blocks_by_node"] == {"bp-a": 1} and s["missed_slots"] == 1
+    assert s["blocks_by_node"] == {"bp-a": 2} and s["missed_slots"] == 0
     run_slots(engine, clock, 1)
     s = engine.summary()
-    assert s["blocks_by_node"] == {"bp-a": 2} and s["missed_slots"] == 1
+    assert s["blocks_by_node"] == {"bp-a": 3} and s["missed_slots"] == 0
 
 
 def test_the_head_shows_at_the_end_of_its_slot_never_in_the_future() -> None:
@@ -233,9 +261,9 @@ def test_pause_at_block_stops_block_application_and_paused_does_not_say_so() -> 
     assert max(b["height"] for b in blocks_of(engine)) == head + 2
     assert not engine.is_paused("bp-a")  # /v1/producer/paused does not report it
     assert engine.node_status("bp-a")["pause_at_block"] == head + 2
-    engine.resume("bp-a")  # resume clears it, as in Spring
+    engine.resume("bp-a")  # resume clears it, as in Spring (and signs the slot in progress)
     run_slots(engine, clock, 3)
-    assert engine.get_info("bp-a").head.height == head + 4
+    assert engine.get_info("bp-a").head.height == head + 5
     assert engine.node_status("bp-a")["pause_at_block"] is None
 
 

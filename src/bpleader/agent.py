@@ -49,17 +49,23 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A block with timestamp T is produced in the slot before T, and a pause only takes
-# effect at the next slot start: blocks of a leader that paused just before we won may
-# carry timestamps up to one slot after that. Anything later than this is someone else.
-DOPPELGANGER_MARGIN = 0.6
-# The watch must last until the first block past that margin could have arrived (one
-# more slot, plus propagation): with a shorter takeover delay the check would be blind.
-DOPPELGANGER_WATCH = DOPPELGANGER_MARGIN + 0.5 + 0.1
 CLOCK_MARGIN = 0.1  # how far this host's wall clock may be from the block producers'
+# How long a block takes to reach us once it is out: the doppelganger watch lasts until
+# the first block stamped after the previous leader's last could have arrived.
+PROPAGATION = 0.1
+# The old leader polls its head this often while it waits for its last block to be out,
+# from this long before the slot ends (nodeos sends a block ahead of its slot's end).
+SLOT_END_POLL = 0.02
+SLOT_END_EARLY = 0.1
+# A node taking over looks again this soon, for a second, when it waits for its head to
+# reach the previous leader's: that block is the last thing between it and its resume.
+TAKEOVER_POLL = 0.05
 # Savanna: a leader whose last record shows its LIB this far behind its head was losing
 # the network's votes (cut from p2p?) and may have gone on signing blocks nobody saw.
 LIB_LAG_NORMAL = 1.5
+# A producing node's record promises a fence time this many lease TTLs ahead; its fences
+# never pause later than the promise of its last record in etcd (see _fence_time).
+PROMISE_TTLS = 2.0
 
 
 class Role(str, Enum):
@@ -122,6 +128,18 @@ class AgentSettings:
     # "savanna", "legacy", or "auto": Savanna once get_finalizer_info shows a policy.
     finality: str = "auto"
     finalizer_timeout: float = 30.0  # a key switch not confirmed by then is an alarm
+
+    @property
+    def resync_interval(self) -> float:
+        """etcd is re-read this often without a watch event: a watch may hang unnoticed
+        on a dead member. What must be fresh is checked in transactions instead."""
+        return float(self.lease_ttl)
+
+    @property
+    def record_interval(self) -> float:
+        """Our node record is rewritten this often when nothing in it changed but its
+        head and times (and a producing node's fence promise, see PROMISE_TTLS)."""
+        return self.lease_ttl / 2
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,19 @@ class Agent:
         self.stats = AgentStats()
         self.last: Observation | None = None
         self._record: NodeRecord | None = None  # this tick's record, for confirm_leader
+        self._record_promise = 0.0  # the fence time it promises (Clock.now), if producing
+        self._published: NodeRecord | None = None  # the last record etcd took
+        self._published_at = float("-inf")
+        self._published_lease = 0
+        # The fence time our last record in etcd promises, while we may produce.
+        self._promise: float | None = None
+        # etcd is read only when it may have changed: a watch event, a write of ours,
+        # or the resync timer (see AgentSettings.resync_interval).
+        self._snap: Snapshot | None = None
+        self._stale = True
+        self._next_read = float("-inf")
+        self._wakeup = asyncio.Event()
+        self._tick_by: float | None = None  # run the next tick by then (Clock.now)
         # Called with every logged event; each must only queue work (it runs in the loop).
         self.listeners: list[Callable[[AgentEvent], None]] = []
         self._me: Candidate | None = None  # our election key, while we hold one
@@ -208,6 +239,16 @@ class Agent:
         self._produced = False  # armed since our last release: hand our head over
         self._won_at = 0.0  # clock.now() when we became the lowest key
         self._won_wall = 0.0
+        # The keys below ours since our campaign (the leaders before us), and when we
+        # first looked after campaigning: a key made and gone before that went unseen.
+        self._ahead: dict[str, Candidate] = {}
+        self._first_look: float | None = None
+        # At the win: the wall time after which no earlier leader signs a block, and
+        # whether each one we saw handed over (confirmed pause, last block out, in etcd).
+        self._quiet_from = 0.0
+        self._unseen_until = 0.0  # the same for leaders whose keys we never saw
+        self._handed_over = False
+        self._stopped_wall = 0.0  # when our last block was out (for our handover)
         self._continuity_reported = False
         self._quiet_until = 0.0
         self._next_resume = 0.0
@@ -251,20 +292,35 @@ class Agent:
         """Run until ``stop`` is set; returns False when shutdown could not confirm a pause."""
         keeper = asyncio.create_task(self.session.run())
         stopper = asyncio.create_task(stop.wait())
+        self.store.watch(self._on_change)
         try:
             while not stop.is_set() and self.role != Role.STOPPED:
                 started = self.clock.now()
+                self._wakeup.clear()
+                self._tick_by = None
                 await self.tick()
                 on_tick()  # systemd's watchdog: only a loop that completes ticks is alive
                 wait = self.cfg.check_interval - (self.clock.now() - started)
-                if wait > 0:
+                if self._tick_by is not None:
+                    wait = min(wait, self._tick_by - self.clock.now())
+                if wait > 0 and not self._wakeup.is_set():
+                    # The next tick comes at the check interval, or at once when etcd
+                    # changed: a successor learns of a handover within one round trip.
                     sleeper = asyncio.create_task(self.clock.sleep(wait))
-                    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    waker = asyncio.create_task(self._wakeup.wait())
+                    await asyncio.wait({sleeper, stopper, waker},
+                                       return_when=asyncio.FIRST_COMPLETED)
                     sleeper.cancel()
+                    waker.cancel()
         finally:
             keeper.cancel()
             stopper.cancel()
         return await self.shutdown()
+
+    def _on_change(self) -> None:
+        """The store's watch saw a key change under our prefix (not a node record)."""
+        self._stale = True
+        self._wakeup.set()
 
     async def tick(self) -> None:
         obs = await self._observe()
@@ -284,6 +340,9 @@ class Agent:
                 self._me.lease_id, o.now, self.cfg.fence_guard):
             await self._fence("lease ends within the fence guard")
             return Role.FOLLOWER, "fenced: lease about to run out"
+        if self._armed and self._promise is not None and o.now >= self._promise:
+            await self._fence("our record's fence time came before etcd took a new one")
+            return Role.FOLLOWER, "fenced: record not renewed"
         if o.snap is not None and o.snap.maintenance is not None and self.role != Role.MAINTENANCE:
             return Role.MAINTENANCE, f"maintenance on: {o.snap.maintenance}"
         handler = {
@@ -328,6 +387,9 @@ class Agent:
         except StoreError as exc:
             self._etcd_error(exc)
             return Role.FOLLOWER, "campaign failed"
+        self._wrote()
+        self._ahead, self._first_look = {}, None
+        self._track_ahead(o.snap, o.wall, first=False)
         return Role.CANDIDATE, f"in sync, campaigning (revision {self._me.create_revision})"
 
     async def _release_when_paused(self, o: Observation) -> tuple[Role, str]:
@@ -376,6 +438,7 @@ class Agent:
             return Role.FOLLOWER, "election key gone"
         if self._elected(o):
             await self._begin_takeover(o)
+            self._tick_by = o.now  # look again at once: a handover needs no wait
             return Role.TAKING_OVER, "elected: lowest create revision"
         return Role.CANDIDATE, "waiting behind a lower key"
 
@@ -392,14 +455,20 @@ class Agent:
         if blocker:
             return Role.TAKING_OVER, blocker
         if o.now < self._won_at + self._takeover_wait():
+            self._tick_by = self._won_at + self._takeover_wait()
             return Role.TAKING_OVER, "takeover delay"
         if not self._continuity_ok(o):
+            if o.now < self._won_at + self._takeover_wait() + 1.0:
+                self._tick_by = o.now + TAKEOVER_POLL  # the block is due any moment
             return Role.TAKING_OVER, "waiting for the previous leader's head"
         fresh = await self._fresh_info()
         if fresh is None:
             return Role.TAKING_OVER, "no fresh chain state before resuming"
         if self._signed_by_another(fresh):
             return await self._doppelganger_alarm(fresh)
+        if not self._after_predecessors(fresh):
+            self._tick_by = self.clock.now() + TAKEOVER_POLL
+            return Role.TAKING_OVER, "waiting for the previous leader's last slot to end"
         if await self._resume_checked("takeover"):
             return Role.LEADER, "resumed production"
         return Role.TAKING_OVER, "resume not possible yet"
@@ -464,7 +533,46 @@ class Agent:
         the vanished leader's private branch)."""
         self._won_at, self._won_wall = o.now, o.wall
         self._continuity_reported = False
+        self._predecessors_stop(o)
         await self._bound_vanished_leader(o)
+
+    def _track_ahead(self, snap: Snapshot | None, wall: float, first: bool = True) -> None:
+        """Remember every key below ours: the leaders that may come before us."""
+        me = self._me
+        if snap is None or me is None:
+            return
+        for c in snap.candidates:
+            if c.create_revision < me.create_revision:
+                self._ahead[c.key] = c
+        if first and self._first_look is None:
+            self._first_look = wall
+
+    def _predecessors_stop(self, o: Observation) -> None:
+        """When the leaders before us stopped signing, and whether each one told us.
+
+        A leader that resigned left, in the transaction that deleted its key, its term
+        and the time its last block was out (it waited for that after its confirmed
+        pause). One whose key went with its lease was paused by its fences by the lease's
+        end minus the fence guard, which is before etcd dropped the key, so before now;
+        its pause call may take the nodeos timeout to land, and the block begun then one
+        more slot. A key made and gone before our first look is bounded the same way
+        from that look.
+        """
+        t = self.cfg
+        late = max(0.0, t.nodeos_timeout + BLOCK_INTERVAL - t.fence_guard)
+        first = self._first_look if self._first_look is not None else o.wall
+        self._unseen_until = first + late
+        bounds = [self._unseen_until]
+        terms = o.snap.handover_terms if o.snap is not None else {}
+        self._handed_over = bool(self._ahead)
+        for c in self._ahead.values():
+            term = terms.get(c.node)
+            if term is not None and term[0] == c.create_revision:
+                bounds.append(term[1])
+            else:
+                self._handed_over = False
+                bounds.append(o.wall + late)
+        self._quiet_from = max(bounds)
 
     def _why_not_campaign(self, o: Observation) -> str:
         """Empty when this node may seek the lock (layer 1: only while in sync)."""
@@ -500,16 +608,42 @@ class Agent:
                 and self.session.holds(me.lease_id, o.now, self.cfg.fence_guard))
 
     def _takeover_wait(self) -> float:
-        """Layer 5, long enough for layer 7 to see one slot past its margin."""
-        return max(self.cfg.takeover_delay, DOPPELGANGER_WATCH)
+        """Layers 5 and 7: seconds from the win to the first resume.
+
+        After a handover the evidence is in etcd: each leader before us confirmed its
+        pause and waited for its last block before resigning, and layer 10 waits until
+        that block is in our head; only a key that went unseen still calls for a wait.
+        Otherwise the previous leader's pause may have landed as late as our bound
+        allows: wait one takeover delay after its fence time (layer 5), and until the
+        first block stamped after its last could have reached us, so that the
+        doppelganger check can see it (layer 7).
+        """
+        if self._handed_over:
+            return max(0.0, self._unseen_until + CLOCK_MARGIN - self._won_wall)
+        t = self.cfg
+        blind = t.takeover_delay + t.nodeos_timeout - t.fence_guard
+        threshold = self._quiet_from + CLOCK_MARGIN
+        first_block = (math.floor(threshold / BLOCK_INTERVAL) + 1) * BLOCK_INTERVAL
+        return max(0.0, blind, first_block + PROPAGATION - self._won_wall)
+
+    def _after_predecessors(self, info: ChainInfo) -> bool:
+        """Whether the block our nodeos would sign now comes after every slot an earlier
+        leader may have signed. Spring stamps a resumed producer's block with the next
+        slot after the later of now and its head's time: a head stamped at that end
+        (the old leader's last block, or the next producer's) or the end passed on every
+        clock will do. A predecessor sees its own last block before its slot ends; a
+        successor that lacks it would sign that slot a second time."""
+        return info.head_block_time >= self._quiet_from \
+            or self.clock.wall() >= self._quiet_from + CLOCK_MARGIN
 
     def _doppelganger(self, o: Observation) -> bool:
-        """Layer 7: a block by our producer newer than our win, while we are paused."""
+        """Layer 7: a block by our producer stamped after every earlier leader stopped,
+        while we are paused."""
         return o.info is not None and self._signed_by_another(o.info)
 
     def _signed_by_another(self, info: ChainInfo) -> bool:
         return (info.head_block_producer == self.cfg.producer
-                and info.head_block_time > self._won_wall + DOPPELGANGER_MARGIN)
+                and info.head_block_time > self._quiet_from + CLOCK_MARGIN)
 
     async def _fresh_info(self) -> ChainInfo | None:
         """The chain as nodeos sees it right now: the tick's view may be a check interval
@@ -544,6 +678,8 @@ class Agent:
         except StoreError as exc:
             self._etcd_error(exc)
             return
+        finally:
+            self._wrote()
         self._log("unfenced", why, logging.CRITICAL)
 
     async def _hand_over_if_lost(self, o: Observation) -> None:
@@ -559,6 +695,8 @@ class Agent:
         except StoreError as exc:
             self._etcd_error(exc)
             return
+        finally:
+            self._wrote()
         self._produced, self._unsent_handover = False, 0
         self._log("handover", f"left head #{head} for the next leader")
 
@@ -572,6 +710,8 @@ class Agent:
         except StoreError as exc:
             self._etcd_error(exc)
             return
+        finally:
+            self._wrote()
         self._log("unfenced_cleared", "nodeos confirms paused")
 
     def _continuity_ok(self, o: Observation) -> bool:
@@ -630,8 +770,12 @@ class Agent:
         except StoreError as exc:
             self._etcd_error(exc)
             return False
+        finally:
+            self._wrote()
         if not still_leader:
             self._log("fencing_check", "etcd no longer names us leader; not resuming")
+        elif self._record is not None and self._record.fence_at is not None:
+            self._promised(self._record_promise)
         return still_leader
 
     async def _step_down(self, reason: str) -> tuple[Role, str]:
@@ -644,9 +788,9 @@ class Agent:
         self.stats.doppelgangers += 1
         self._quiet_until = self.clock.now() + self.cfg.doppelganger_quiet
         self._log("doppelganger", f"block {info.head_block_num} signed by "
-                  f"{self.cfg.producer} at {info.head_block_time:.1f} after we won at "
-                  f"{self._won_wall:.1f}: another node produces with our key",
-                  logging.CRITICAL)
+                  f"{self.cfg.producer} at {info.head_block_time:.1f}, after every earlier "
+                  f"leader had stopped ({self._quiet_from:.1f}): another node produces "
+                  f"with our key", logging.CRITICAL)
         await self._step_down("doppelganger detected")
         return Role.FENCED, "doppelganger detected; quiet period"
 
@@ -670,8 +814,9 @@ class Agent:
         if me is None:
             return
         last_head = await self._final_head() if self._produced else 0
+        self._wrote()
         try:
-            await self.store.resign(me, last_head)
+            await self.store.resign(me, last_head, self._stopped_wall)
             self._produced = False
         except StoreError as exc:
             # The key goes with the lease in the worst case; the head is left later.
@@ -689,7 +834,7 @@ class Agent:
         branch won): count every slot since our newest block we saw, as we may have
         signed in each.
         """
-        end = await self._wait_slot_end()
+        end = self._stopped_wall = await self._wait_slot_end()
         own_h, own_t = self._own_high
         stop = min(end, self._own_stopped_at) if self._own_stopped_at is not None else end
         self._own_high, self._own_stopped_at, self._resume_sent = (0, 0.0), None, False
@@ -721,11 +866,25 @@ class Agent:
         return not own_h or slots == info.head_block_num - own_h
 
     async def _wait_slot_end(self) -> float:
-        """Sleep until the slot now running has ended on every clock; returns that end."""
+        """Wait until the slot now running has ended on every clock; returns that end.
+
+        Its block, if we were signing one, is out once our head is stamped at that end
+        or later: from shortly before the end we ask for it, and stop asking when the
+        end has passed on every clock. A successor waits for the head we then hand over.
+        """
         wall = self.clock.wall()
         # The next slot boundary after now, with CLOCK_MARGIN for our clock's error.
         end = math.ceil((wall + CLOCK_MARGIN) / BLOCK_INTERVAL) * BLOCK_INTERVAL
-        await self.clock.sleep(end - wall + CLOCK_MARGIN)
+        await self.clock.sleep(end - SLOT_END_EARLY - wall)
+        while self.clock.wall() < end + CLOCK_MARGIN:
+            try:
+                info = await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)
+                if info.head_block_time >= end:
+                    break
+            except NodeosError as exc:
+                self._nodeos_error(exc)
+            left = end + CLOCK_MARGIN - self.clock.wall()
+            await self.clock.sleep(min(SLOT_END_POLL, max(0.0, left)))
         return end
 
     async def _pause_confirmed(self, reason: str, budget: float) -> bool:
@@ -760,6 +919,7 @@ class Agent:
             await self._pause_confirmed("reconcile", self.cfg.nodeos_timeout)
 
     async def _clear_switchover(self, target: str) -> None:
+        self._wrote()
         try:
             await self.store.clear_switchover(target)
         except StoreError as exc:
@@ -786,14 +946,22 @@ class Agent:
     # ------------------------------------------------------ observation & record
 
     async def _observe(self) -> Observation:
+        read = self._read_due()
+        if read:
+            self._stale = False  # a change from here on calls for another read
         info_r, paused_r, snap_r = await asyncio.gather(
             self.nodeos.get_info(budget=self.cfg.nodeos_timeout),
             self.nodeos.paused(budget=self.cfg.nodeos_timeout),
-            self.store.snapshot(), return_exceptions=True)
+            self.store.snapshot() if read else self._cached(), return_exceptions=True)
         now, wall = self.clock.now(), self.clock.wall()
         info = self._ok(info_r, ChainInfo)
         paused = self._ok(paused_r, bool)
         snap = self._ok(snap_r, Snapshot)
+        if read:
+            if snap is None:
+                self._stale = True
+            else:
+                self._snap, self._next_read = snap, now + self.cfg.resync_interval
         sync = self.sync.observe(wall, now, info,
                                  info_r if isinstance(info_r, NodeosError) else None)
         if snap is not None and snap.rejected != self._rejected:
@@ -818,6 +986,8 @@ class Agent:
                 self._own_high = max(self._own_high, mark)
             elif mark[1] > self._seen_ours[1]:
                 self._seen_ours = mark
+        if self._me is not None and self.role not in (Role.TAKING_OVER, Role.LEADER):
+            self._track_ahead(snap, wall)
         if snap is not None:
             for rec in snap.records.values():
                 if rec.valid and rec.role == Role.LEADER.value and rec.node != self.cfg.node:
@@ -829,6 +999,24 @@ class Agent:
                                    if r.valid and r.in_sync and r.lease_id
                                    and r.node != self.cfg.node), default=0)
         return Observation(now, wall, info, sync, paused, snap)
+
+    def _read_due(self) -> bool:
+        """Whether this tick reads etcd, or goes on with the last snapshot read.
+
+        The last snapshot is a state of etcd at one revision, only older. What a stale
+        one could get wrong is checked again where it matters: the fencing check before
+        a resume is a transaction, and a node taking over reads every tick. The watch
+        makes the rest timely; the resync timer bounds a watch that hangs.
+        """
+        return self._stale or self._snap is None or self.clock.now() >= self._next_read \
+            or self.role in (Role.STARTING, Role.TAKING_OVER)
+
+    async def _cached(self) -> Snapshot | None:
+        return self._snap
+
+    def _wrote(self) -> None:
+        """We changed a key the snapshot holds: read it again next tick."""
+        self._stale = True
 
     def _ok(self, result: object, kind: type[T]) -> T | None:
         if isinstance(result, kind):
@@ -842,22 +1030,49 @@ class Agent:
         return None
 
     async def _publish(self, o: Observation) -> None:
+        """Write our record when it says something new, or every record_interval.
+
+        Only a node that may have signed keeps a last record (see _bound_vanished_leader),
+        and each one it writes promises a fence time: the fences are moved out to it only
+        once etcd has taken it, so they never pause later than the last record says.
+        """
         record = self._record = self._node_record(o)
         lease = self.session.lease
-        if lease is None or o.snap is None:
+        keep = self._armed and self._resume_sent
+        if lease is None or o.snap is None or not self._record_due(record, lease.id, o.now):
             return
         try:
-            # Only a node that may have signed keeps a last record (see _bound_vanished_leader).
-            await self.store.publish(record, lease.id, keep=self._armed and self._resume_sent)
+            await self.store.publish(record, lease.id, keep=keep)
         except StoreError as exc:
             self._etcd_error(exc)
+            return
+        self._published, self._published_at, self._published_lease = record, o.now, lease.id
+        if keep:
+            self._promised(self._record_promise)
+
+    def _record_due(self, record: NodeRecord, lease_id: int, now: float) -> bool:
+        last = self._published
+        return (last is None or lease_id != self._published_lease
+                or now >= self._published_at + self.cfg.record_interval
+                or (self._promise is not None
+                    and self._promise - now < self.cfg.lease_ttl)
+                or (record.role, record.in_sync, record.paused, record.finalizer_key,
+                    record.finalizer_active) != (last.role, last.in_sync, last.paused,
+                                                 last.finalizer_key, last.finalizer_active))
+
+    def _promised(self, promise: float) -> None:
+        """etcd holds a last record of ours promising ``promise``: the fences may wait
+        until then (and no longer than the lease allows)."""
+        self._promise = promise
+        if self._armed:
+            self._arm_fences()
 
     def _node_record(self, o: Observation) -> NodeRecord:
         return NodeRecord(
             node=self.cfg.node, role=self.role.value, in_sync=o.sync.in_sync,
             head_block_num=self._record_head(o),
             lag=round(o.sync.lag, 3) if o.sync.lag is not None else None,
-            lib_lag=self._lib_lag(o.info), fence_at=self._fence_at(o),
+            lib_lag=self._lib_lag(o.info), fence_at=self._promise_at(o),
             paused=o.paused, version=__version__, updated=round(o.wall, 3),
             **self._finalizer_fields())
 
@@ -931,6 +1146,7 @@ class Agent:
             if o.snap.handovers.get(rec.node, 0) >= rec.head_block_num:
                 continue  # it resigned with nodeos paused: its handover head is exact
             bound = self._bound_one(o, rec)
+            self._wrote()
             try:
                 await self.store.leave_handover(rec.node, bound)
             except StoreError as exc:
@@ -957,8 +1173,7 @@ class Agent:
         # until its next record), with the pause call's time.
         stop = o.wall - self.cfg.fence_guard
         if rec.fence_at is not None:
-            stop = min(stop, rec.fence_at + self.cfg.check_interval
-                       + self.cfg.keepalive_interval)
+            stop = min(stop, rec.fence_at)  # its fences never pause later than this
         last = stop + self.cfg.nodeos_timeout + BLOCK_INTERVAL
         seen_h, seen_t = self._seen_ours
         slack = self.cfg.nodeos_timeout + BLOCK_INTERVAL + self.cfg.check_interval + 0.3
@@ -980,11 +1195,12 @@ class Agent:
                       f"signed up to #{bound} unseen: resuming above it")
         return bound
 
-    def _fence_at(self, o: Observation) -> float | None:
-        deadline = self.session.deadline
-        if not self._armed or deadline is None:
+    def _promise_at(self, o: Observation) -> float | None:
+        """While we may produce, the fence time this record promises (wall time)."""
+        if not self._armed:
             return None
-        return round(o.wall + deadline - o.now - self.cfg.fence_guard, 3)
+        self._record_promise = o.now + PROMISE_TTLS * self.cfg.lease_ttl
+        return round(o.wall + self._record_promise - o.now, 3)
 
     @staticmethod
     def _lib_lag(info: ChainInfo | None) -> float | None:
@@ -1073,13 +1289,24 @@ class Agent:
 
     def _arm(self) -> None:
         self._armed = self._produced = True
-        if self.session.deadline is not None:
-            self._pause_at = self.session.deadline - self.cfg.fence_guard
-            self.fencer.arm(self._pause_at)
+        self._arm_fences()
+
+    def _arm_fences(self) -> None:
+        """Fences at the lease deadline minus the guard (layer 3), or at the fence time
+        our last record promises if that comes first (a successor counts on it)."""
+        deadline = self.session.deadline
+        if deadline is None:
+            return
+        pause_at = deadline - self.cfg.fence_guard
+        if self._promise is not None:
+            pause_at = min(pause_at, self._promise)
+        self._pause_at = pause_at
+        self.fencer.arm(pause_at)
 
     def _disarm(self) -> None:
         if self._armed:
             self._armed = False
+            self._promise = None
             self.fencer.disarm()
 
     def _on_renew(self, deadline: float) -> None:
@@ -1087,8 +1314,7 @@ class Agent:
         lease = self.session.lease
         if self._armed and self._me is not None and lease is not None \
                 and lease.id == self._me.lease_id:
-            self._pause_at = deadline - self.cfg.fence_guard
-            self.fencer.arm(self._pause_at)
+            self._arm_fences()
 
     # ---------------------------------------------------------------- logging
 

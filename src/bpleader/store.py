@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain, grpc_status
 from bpleader.lease_stream import RenewalStream
+from bpleader.watch_stream import PrefixWatch, prefix_end
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,12 @@ class Keys:
 
     def unfenced_node(self, name: str) -> str:
         return f"{self.unfenced}{name}"
+
+    def urgent(self, key: str) -> bool:
+        """Whether a change of ``key`` calls for the agent to read etcd at once: any but
+        the node records and last records, which change all the time and are read on the
+        resync timer (and on every tick of a node taking over)."""
+        return not key.startswith(self.nodes) and not key.startswith(self.lasts)
 
 
 @dataclass(frozen=True)
@@ -223,10 +231,13 @@ class Snapshot:
     maintenance: str | None = None
     # Nodes that gave up their lease without a confirmed pause: they may still produce.
     unfenced: Mapping[str, str] = field(default_factory=dict)
-    # (node, head) the last leader left behind when it resigned with nodeos paused.
     # Per node, the head it left when it last resigned with nodeos paused: one key per
     # node, so a later resign by another node never hides a higher head.
     handovers: Mapping[str, int] = field(default_factory=dict)
+    # Per node, for a handover written by its resign: the create revision of the election
+    # key it resigned (its term) and the wall time its last block was out by. A winner
+    # whose predecessors all left one for their term needs no blind takeover wait.
+    handover_terms: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     # Per node, its record as last published while it could produce (no lease).
     lasts: Mapping[str, NodeRecord] = field(default_factory=dict)
     # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
@@ -263,6 +274,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     maintenance: str | None = None
     unfenced: dict[str, str] = {}
     handovers: dict[str, int] = {}
+    terms: dict[str, tuple[int, float]] = {}
     lasts: dict[str, NodeRecord] = {}
     rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
@@ -292,10 +304,12 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
                 rejected.append(f"{_shown(keys, key)}: unreadable last record")
         elif key.startswith(keys.handovers):
             handover = parse_handover(text)
-            if handover is None or handover[0] != key[len(keys.handovers):]:
+            if handover is None or handover.node != key[len(keys.handovers):]:
                 rejected.append(f"{_shown(keys, key)}: unreadable handover record")
             else:
-                handovers[handover[0]] = handover[1]
+                handovers[handover.node] = handover.head
+                if handover.term:
+                    terms[handover.node] = (handover.term, handover.stopped)
         elif key.startswith(keys.unfenced):
             # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
@@ -303,14 +317,28 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             rejected.append(f"{_shown(keys, key)}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
     return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
-                    handovers, lasts, tuple(rejected))
+                    handovers, terms, lasts, tuple(rejected))
 
 
-def handover_value(node: str, head: int) -> str:
-    return json.dumps({"node": node, "head": head})
+@dataclass(frozen=True)
+class Handover:
+    """The head a node left with nodeos paused; from a resign, also the term it
+    resigned (its key's create revision) and when its last block was out (wall time)."""
+
+    node: str
+    head: int
+    term: int = 0
+    stopped: float = 0.0
 
 
-def parse_handover(text: str) -> tuple[str, int] | None:
+def handover_value(node: str, head: int, term: int = 0, stopped: float = 0.0) -> str:
+    data: dict[str, Any] = {"node": node, "head": head}
+    if term:
+        data.update(term=term, stopped=round(stopped, 3))
+    return json.dumps(data)
+
+
+def parse_handover(text: str) -> Handover | None:
     try:
         data = json.loads(text)
     except ValueError:
@@ -321,7 +349,10 @@ def parse_handover(text: str) -> tuple[str, int] | None:
     if not isinstance(node, str) or not isinstance(head, int) or isinstance(head, bool) \
             or not 0 < head < 2**32:
         return None
-    return node[:128], head
+    term, stopped = _typed(data, "term", int, 0), _typed(data, "stopped", float, 0.0)
+    if term <= 0 or not math.isfinite(stopped) or stopped <= 0:
+        term, stopped = 0, 0.0  # a term without a stop time proves nothing
+    return Handover(node[:128], head, term, stopped)
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -344,6 +375,13 @@ class Store(Protocol):
         """A linearizable read of the whole producer prefix."""
         ...
 
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """From now on call ``on_change`` (in the event loop) soon after an urgent key
+        under the prefix changes (:meth:`Keys.urgent`). Best effort: a watch can die or
+        hang, so the agent also reads on a timer; it is (re)started from the revision of
+        the last successful :meth:`snapshot`, so nothing after that read is missed."""
+        ...
+
     async def campaign(self, lease_id: int, node: str) -> Candidate:
         """Create our election key on the lease (or find the one we made before)."""
         ...
@@ -355,10 +393,11 @@ class Store(Protocol):
         sign, so no node may learn that we did only from a record we failed to write."""
         ...
 
-    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+    async def resign(self, me: Candidate, last_head: int = 0, stopped: float = 0.0) -> None:
         """Delete our election key, only if it is still ours; in the same transaction,
         when ``last_head`` is given, record it as our handover head for the next leader
-        (whether or not the key was still there)."""
+        (whether or not the key was still there), with our term and ``stopped``, the wall
+        time by which our last block was out."""
         ...
 
     async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
@@ -421,6 +460,9 @@ class EtcdStore:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="etcd")
         self._renewals: RenewalStream | None = None
         self._renewals_lock = threading.Lock()
+        self._on_change: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: PrefixWatch | None = None
 
     def _connect(self) -> Any:
         # gRPC's C core prints multi-line TLS diagnostics on stderr; the cause is in our
@@ -518,6 +560,7 @@ class EtcdStore:
 
     def _drop_client(self) -> None:
         self._close_renewals()
+        self._close_watch()
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -583,9 +626,42 @@ class EtcdStore:
             resp = c.get_prefix_response(self.keys.root)
             kvs = [(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.create_revision,
                     kv.lease) for kv in resp.kvs]
+            self._rewatch(c, resp.header.revision)
             return parse_snapshot(self.keys, resp.header.revision, kvs)
 
         return await self._run("snapshot", read)
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        self._on_change, self._loop = on_change, asyncio.get_running_loop()
+
+    def _rewatch(self, client: Any, revision: int) -> None:
+        """After a read: a watch from the next revision on, unless a live one already
+        runs on the member that served the read (a watch elsewhere may hang unseen)."""
+        if self._on_change is None:
+            return
+        old = self._watch
+        if old is not None and old.alive and old.client is client \
+                and old.member == client.endpoint_in_use:
+            return
+        if old is not None:
+            old.close()
+        try:
+            self._watch = PrefixWatch(client, self.keys.root, revision + 1, self._changed)
+        except Exception as exc:  # the read worked: the timer covers a missing watch
+            self._watch = None
+            log.debug("event=watch_failed reason=%r", describe_error(exc))
+
+    def _changed(self, keys: Iterable[bytes]) -> None:
+        """In the watch's thread: wake the agent for an urgent change."""
+        loop, on_change = self._loop, self._on_change
+        if loop is not None and on_change is not None and any(
+                self.keys.urgent(k.decode("utf-8", "replace")) for k in keys):
+            loop.call_soon_threadsafe(on_change)
+
+    def _close_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
 
     async def campaign(self, lease_id: int, node: str) -> Candidate:
         key = self.keys.candidate(lease_id)
@@ -617,7 +693,7 @@ class EtcdStore:
                                             t.delete(self.keys.handover(me.node))]
             ok, responses = c.transaction(
                 compare=[t.create(me.key) == me.create_revision],
-                success=[t.get(election, _prefix_end(election)), *keep],
+                success=[t.get(election, prefix_end(election)), *keep],
                 failure=[],
             )
             if not ok:
@@ -627,12 +703,13 @@ class EtcdStore:
 
         return await self._run("confirm_leader", check)
 
-    async def resign(self, me: Candidate, last_head: int = 0) -> None:
+    async def resign(self, me: Candidate, last_head: int = 0, stopped: float = 0.0) -> None:
+        value = handover_value(me.node, last_head, me.create_revision, stopped)
+
         def delete(c: Any) -> None:
             t = c.transactions
             # The head is left even when our key is gone already (expired, revoked).
-            handover = [t.put(self.keys.handover(me.node), handover_value(me.node, last_head))
-                        ] if last_head > 0 else []
+            handover = [t.put(self.keys.handover(me.node), value)] if last_head > 0 else []
             c.transaction(compare=[t.create(me.key) == me.create_revision],
                           success=[t.delete(me.key), *handover], failure=handover)
 
@@ -694,12 +771,6 @@ class EtcdStore:
     def close(self) -> None:
         self._drop_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _prefix_end(prefix: str) -> bytes:
-    raw = bytearray(prefix.encode())
-    raw[-1] += 1
-    return bytes(raw)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -94,6 +94,7 @@ class Ledger:
         self._events: deque[Violation] = deque(maxlen=KEEP_EVENTS)
         self._by_height: dict[int, list[Block]] = {}
         self._votes: dict[str, dict[int, tuple[Block, str]]] = {}
+        self._last_ours: tuple[int, list[Block]] | None = None  # the newest slot of ours
         self.blocks_by_node: Counter[str] = Counter({n: 0 for n in nodes})
         self.slots = 0
         self.our_slots = 0
@@ -131,12 +132,31 @@ class Ledger:
         if not ours:
             return
         self.our_slots += 1
+        self._last_ours = (slot, list(blocks))
         if not blocks:
             self.missed_slots += 1
             return
         for block in blocks:
             self._count_block(block)
         if len(blocks) >= 2:
+            self.double_produced_slots += 1
+            self._event(Violation("slot", list(blocks)))
+
+    def record_late(self, block: Block) -> None:
+        """A block of ours signed for the slot just recorded: a producer resumed in the
+        last moments of its slot, past the block's deadline, and signed at once."""
+        if self._last_ours is None or self._last_ours[0] != block.slot:
+            raise ValueError(f"late block for slot {block.slot}, not the newest of ours")
+        slot, blocks = self._last_ours
+        if not blocks:
+            self.missed_slots -= 1
+        blocks.append(block)
+        if self.keep and self._records and self._records[-1].slot == slot:
+            last = self._records.pop()
+            self._records.append(SlotRecord(slot, last.start_ms, last.producer, True,
+                                            tuple(blocks), last.lateness_ms))
+        self._count_block(block)
+        if len(blocks) == 2:
             self.double_produced_slots += 1
             self._event(Violation("slot", list(blocks)))
 

@@ -12,7 +12,10 @@ What it models, per node (a nodeos process as the chain sees it):
 * **production**: at a slot start of our producer, every node that may produce (up,
   unpaused, caught up, not implicitly paused, not held by ``pause_at_block``) begins a
   block on its own head; the block is finished and sent ``cutoff`` before the slot ends,
-  paused since or not, as in nodeos. A pause takes effect at the next slot start.
+  paused since or not, as in nodeos. A pause takes effect at the next slot start. A
+  resume in the middle of a slot of ours starts a block for that slot at once, unless
+  the node's head already has that slot's block (Spring's ``start_block``: the pending
+  block's time is the next slot after the later of now and the head's time).
 * **propagation**: blocks, votes and transactions travel between nodes with the driver's
   delay; a node that is down, hung, not receiving (cut from p2p) or not sending misses
   them. Each node follows its own fork choice, so an isolated node builds its own fork.
@@ -237,6 +240,8 @@ class ChainModel:
         self._trimmed = 0
         self._included: dict[str, list[Block]] = {}
         self._lateness: dict[int, float] = {}
+        self._open_slot: int | None = None  # begun and not yet finished
+        self._finished_slot: int | None = None  # finished, the next not begun yet
         self._check_shared_keys()
 
     # ------------------------------------------------------------------ helpers
@@ -430,19 +435,25 @@ class ChainModel:
         """The slot starts: whoever may produce begins a block on its own head."""
         self.advance(now)
         self._lateness[slot] = lateness_ms
+        self._open_slot, self._finished_slot = slot, None
         if self.schedule.producer_at(slot) == self.producer:
             for node in self.nodes.values():
-                # Legacy nodeos never signs below its own watermark (another fork's block);
-                # Spring dropped that rule for Savanna, where votes decide finality.
-                if self.producing(node, now) and (self.config.savanna
-                                                  or node.watermark <= node.head.height):
-                    node.pending = (slot, node.head)
+                self._maybe_begin(node, slot, now)
         else:
             self.ext.pending = (slot, self.ext.head)
+
+    def _maybe_begin(self, node: ChainNode, slot: int, now: float) -> None:
+        # Legacy nodeos never signs below its own watermark (another fork's block);
+        # Spring dropped that rule for Savanna, where votes decide finality.
+        if self.producing(node, now) and (self.config.savanna
+                                          or node.watermark <= node.head.height):
+            node.pending = (slot, node.head)
 
     def finish_slot(self, slot: int, now: float) -> list[Block]:
         """Blocks begun at the slot start are signed and sent, paused since or not."""
         self.advance(now)
+        if self._open_slot == slot:
+            self._open_slot, self._finished_slot = None, slot
         ours: list[Block] = []
         for node in self._peers:
             if node.pending is None or node.pending[0] != slot:
@@ -533,6 +544,27 @@ class ChainModel:
         node.tracker.reset()
         if node.pause_at is not None:
             self.release_hold(node, now)
+        self._join_open_slot(node, now)
+
+    def _join_open_slot(self, node: ChainNode, now: float) -> None:
+        """A resumed producer does not wait for the next slot: Spring aborts its
+        speculative block and starts one for the slot in progress, whose block it signs
+        with the others at the slot's end. A new leader that resumes while the old one's
+        block of this slot is still being signed produces this slot a second time."""
+        slot = self._open_slot if self._open_slot is not None else self._finished_slot
+        if slot is None or node.pending is not None \
+                or self.schedule.producer_at(slot) != self.producer \
+                or node.head.timestamp_ms >= self.slot_start_ms(slot + 1):
+            return
+        self._maybe_begin(node, slot, now)
+        if slot == self._finished_slot and node.pending is not None:
+            # Past the block's deadline: Spring signs it at once.
+            node.pending = None
+            block = self._sign(node, slot, node.head, now)
+            node.watermark = max(node.watermark, block.height)
+            self._learn(node, block, now)
+            self._send(node, now, _BLOCK, block)
+            self.ledger.record_late(block)
 
     def pause_at_block(self, name: str, block_num: int, now: float) -> int:
         """Hold block application at ``block_num``; returns the head (refused at or below)."""

@@ -10,6 +10,9 @@ lease to its full TTL when its raft leader changes. Snapshots go through
 requests cross a simulated network: they can be lost (partition, loss), slow, or applied
 by etcd while the answer never arrives; every failure surfaces as a
 :class:`~bpleader.store.StoreError` after the client's timeout, as a gRPC deadline would.
+Its watch, as :class:`bpleader.watch_stream.PrefixWatch`, only says that an urgent key
+changed: it breaks on a lost message and stays dead until the next successful read starts
+it again, and it can hang (deliver nothing, unnoticed) for a while.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class SimEtcd:
         self.leases: dict[int, LeaseState] = {}
         self.unavailable_until = 0.0
         self._leader_at: tuple[int, KeyValue | None] = (0, None)  # (revision, lowest key)
+        self.urgent_revision = 0  # the last revision that changed an urgent key
+        self.on_urgent: Callable[[], None] = lambda: None  # the network's watches
 
     # ---------------------------------------------------------------- housekeeping
 
@@ -91,6 +96,7 @@ class SimEtcd:
             self.revision += 1
             for key in lease.keys:
                 del self.kvs[key]
+            self._touched(lease.keys)
         names = ",".join(k[len(self.keys.root):] for k in lease.keys)
         self.trace.add("etcd", f"lease {lease.id:x} {why}; deleted [{names}]")
 
@@ -117,6 +123,7 @@ class SimEtcd:
         self.kvs[key] = KeyValue(value, create, lease_id)
         if lease_id:
             self.leases[lease_id].keys.append(key)
+        self._touched((key,))
         return create
 
     def _delete(self, key: str) -> None:
@@ -124,6 +131,12 @@ class SimEtcd:
         if old.lease and old.lease in self.leases:
             self.leases[old.lease].keys.remove(key)
         self.revision += 1
+        self._touched((key,))
+
+    def _touched(self, keys: list[str] | tuple[str, ...]) -> None:
+        if any(self.keys.urgent(k) for k in keys):
+            self.urgent_revision = self.revision
+            self.on_urgent()
 
     # ------------------------------------------------------------- the Store API
 
@@ -190,14 +203,14 @@ class SimEtcd:
         revisions = [kv.create_revision for k, kv in self.kvs.items() if k.startswith(election)]
         return min(revisions) == me.create_revision
 
-    def resign(self, me: Candidate, last_head: int = 0) -> None:
+    def resign(self, me: Candidate, last_head: int = 0, stopped: float = 0.0) -> None:
         self.expire()
         own = self.kvs.get(me.key)
         if own is not None and own.create_revision == me.create_revision:
             self._delete(me.key)
         if last_head > 0:
-            self._put(self.keys.handover(me.node),
-                      handover_value(me.node, last_head).encode(), 0)
+            value = handover_value(me.node, last_head, me.create_revision, stopped)
+            self._put(self.keys.handover(me.node), value.encode(), 0)
         self.trace.add("etcd", f"resign {me.node} key {me.lease_id:x} rev "
                        f"{me.create_revision}"
                        f"{f', handover head #{last_head}' if last_head else ''}")
@@ -277,6 +290,15 @@ class Link:
     max_latency: float = 0.004
 
 
+@dataclass
+class Watch:
+    """One client's watch stream: dead until a read starts it; hung until ``hung_until``."""
+
+    on_change: Callable[[], None]
+    alive: bool = False
+    hung_until: float = 0.0
+
+
 class Network:
     """Carries requests from store clients to :class:`SimEtcd` and answers back."""
 
@@ -287,6 +309,35 @@ class Network:
         self.rng = rng
         self.links: dict[str, Link] = {}
         self.late_requests = late_requests
+        self.watches: dict[str, Watch] = {}
+        etcd.on_urgent = self._notify
+
+    def _notify(self) -> None:
+        """An urgent key changed: each live watch hears of it one link delay later,
+        unless the message is lost, which breaks the stream until the next read."""
+        for node, watch in self.watches.items():
+            if not watch.alive or self.loop.time() < watch.hung_until:
+                continue
+            link = self.links[node]
+            if self._lost(link):
+                watch.alive = False
+            else:
+                self.loop.call_at(self.loop.time() + self._delay(link), self._fire, watch)
+
+    def _fire(self, watch: Watch) -> None:
+        if watch.alive and self.loop.time() >= watch.hung_until:
+            watch.on_change()
+
+    def rewatch(self, node: str, revision: int) -> None:
+        """A read at ``revision`` succeeded: a dead watch starts again from the next
+        revision on, so it reports at once a change made since the read."""
+        watch = self.watches.get(node)
+        if watch is None or watch.alive:
+            return
+        watch.alive = True
+        if self.etcd.urgent_revision > revision:
+            self.loop.call_at(self.loop.time() + self._delay(self.links[node]), self._fire,
+                              watch)
 
     def _delay(self, link: Link) -> float:
         d = self.rng.uniform(link.min_latency, link.max_latency)
@@ -392,7 +443,12 @@ class StoreClient:
                 raise  # as EtcdStore: an expired lease is as revoked as it gets
 
     async def snapshot(self) -> Snapshot:
-        return await self._call("snapshot", self._etcd.snapshot)
+        snap: Snapshot = await self._call("snapshot", self._etcd.snapshot)
+        self._net.rewatch(self._node, snap.revision)
+        return snap
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        self._net.watches[self._node] = Watch(on_change)
 
     async def campaign(self, lease_id: int, node: str) -> Candidate:
         return await self._call("campaign", lambda: self._etcd.campaign(lease_id, node))
@@ -400,8 +456,8 @@ class StoreClient:
     async def confirm_leader(self, me: Candidate, last: NodeRecord | None = None) -> bool:
         return await self._call("confirm_leader", lambda: self._etcd.confirm_leader(me, last))
 
-    async def resign(self, me: Candidate, last_head: int = 0) -> None:
-        await self._call("resign", lambda: self._etcd.resign(me, last_head))
+    async def resign(self, me: Candidate, last_head: int = 0, stopped: float = 0.0) -> None:
+        await self._call("resign", lambda: self._etcd.resign(me, last_head, stopped))
 
     async def publish(self, record: NodeRecord, lease_id: int, keep: bool = False) -> None:
         await self._call("publish", lambda: self._etcd.publish(record, lease_id, keep))

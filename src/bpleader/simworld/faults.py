@@ -172,6 +172,15 @@ class FaultScheduler(CallHooks):
                        lambda: setattr(link, "extra_delay", 0.0),
                        f"etcd slow by up to {link.extra_delay:.2f}s")
 
+    def _store_watch_hang(self, node: Node) -> None:
+        """The node's watch stream delivers nothing for a while, and nothing says so (a
+        member gone without closing the connection): only its timed reads see changes."""
+        watch = self.w.network.watches.get(node.name)
+        if watch is not None and self._free("watch", node):
+            watch.hung_until = self.now() + self._span(1.0, 30.0)
+            self._hold("watch", node, watch.hung_until - self.now(), lambda: None,
+                       "etcd watch hung")
+
     def _store_revoke(self, node: Node) -> None:
         """A node's lease revoked behind its back (``etcdctl lease revoke``): its keys go at
         once, while its agent still counts on the lease until it next asks etcd. Only

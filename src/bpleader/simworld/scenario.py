@@ -91,6 +91,7 @@ DEFAULT_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("store_loss", 1.0),
     ("store_slow", 1.0),
     ("store_leader_change", 0.7),
+    ("store_watch_hang", 0.6),
     ("nodeos_restart", 0.8),
     ("nodeos_hang", 0.8),
     ("nodeos_slow_api", 0.6),
