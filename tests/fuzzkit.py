@@ -7,7 +7,7 @@ it, and a resume would be a bug. A control with good input shows the same world 
 reach a resume, so the properties can fail.
 
 The agent runs its real code end to end: :class:`bpleader.nodeos.NodeosClient` parses
-the fuzzed HTTP bodies (through ``httpx.MockTransport``), :func:`parse_snapshot` parses
+the fuzzed HTTP bodies (answered in place of its connections), :func:`parse_snapshot` parses
 the fuzzed etcd values, and :meth:`Agent.tick` decides. Only time, etcd's storage and
 the fences are in-memory fakes of the agent's protocols.
 """
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from hypothesis import strategies as st
 
 from bpleader.agent import Agent, AgentSettings, Role
@@ -310,26 +309,29 @@ class FakeNodeos:
     calls: list[str] = field(default_factory=list)
     served_bad: list[str] = field(default_factory=list)
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
+    async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        """In place of :class:`bpleader.nodeos.Connections`: status and body."""
         self.calls.append(path)
         if path.endswith("/get_info"):
             reply = self.info_script.pop(0) if self.info_script else None
             if reply is None:
                 head = int(self.clock.now() * 2)
-                return httpx.Response(200, content=_dump(good_info(head, self.clock.wall())))
+                return 200, _dump(good_info(head, self.clock.wall()))
         elif path.endswith("/paused"):
             reply = self.paused_script.pop(0) if self.paused_script else None
             if reply is None:
-                return httpx.Response(201, content=_dump(self.paused))
+                return 201, _dump(self.paused)
         else:
             if path.endswith("/pause"):
                 self.paused = True
             elif path.endswith("/resume"):
                 self.paused = False
-            return httpx.Response(201, content=b'{"result":"ok"}')
+            return 201, b'{"result":"ok"}'
         self.served_bad.append(reply.why)
-        return httpx.Response(reply.status, content=reply.body)
+        return reply.status, reply.body
+
+    async def aclose(self) -> None:
+        return None
 
     @property
     def resumes(self) -> int:
@@ -354,8 +356,7 @@ async def drive(ticks: int, info: list[Reply | None] | None = None,
     store = FakeStore(foreign=list(foreign or []))
     client = NodeosClient("http://127.0.0.1:8888", SETTINGS.nodeos_timeout)
     await client.aclose()
-    client._http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler),
-                                     base_url="http://127.0.0.1:8888")
+    client._http = fake  # type: ignore[assignment]
     agent = Agent(SETTINGS, clock, store, client, FakeFencer(),
                   SyncEvaluator(3.0, CHAIN_ID))
     roles: list[Role] = []

@@ -194,3 +194,77 @@ def test_any_reply_gives_a_value_or_a_nodeos_error(status: int, body: bytes,
             parse_info(data)
     except NodeosError:
         pass
+
+
+# ------------------------------------------------------ the keep-alive connections
+
+
+async def _raw_server(replies: list[bytes], close_after: set[int]) -> tuple[
+        asyncio.AbstractServer, list[int], str]:
+    """Answers request i with ``replies[i]`` (raw bytes), closing after the ones in
+    ``close_after``; counts the connections it accepted."""
+    connections = [0]
+    served = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                await reader.readexactly(length)
+                i = served[0]
+                served[0] += 1
+                writer.write(replies[i])
+                await writer.drain()
+                if i in close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, connections, f"http://127.0.0.1:{port}"
+
+
+def test_one_kept_connection_serves_every_tick_and_a_closed_one_is_replaced() -> None:
+    ok = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntrue"
+    chunked = (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2\r\ntr\r\n2\r\nue\r\n0\r\n\r\n")
+    close = b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfalse"
+
+    async def run() -> tuple[list[bool], int]:
+        server, connections, url = await _raw_server([ok, chunked, ok, close, ok, ok], {2})
+        client = NodeosClient(url, 1.0)
+        try:
+            # 0-1 on one connection; the server closes it after 2 (unannounced): 3 finds
+            # it closed and goes again on a new one, which 3's reply closes; 4-5 share one.
+            answers = [await client.paused() for _ in range(6)]
+        finally:
+            await client.aclose()
+            server.close()
+        return answers, connections[0]
+
+    answers, connections = asyncio.run(run())
+    assert answers == [True, True, True, False, True, True]
+    assert connections == 3
+
+
+def test_a_reply_cut_short_is_a_bad_response_not_a_hang() -> None:
+    cut = b"HTTP/1.1 201 Created\r\nContent-Length: 40\r\n\r\n{\"head"
+
+    async def run() -> NodeosError:
+        server, _, url = await _raw_server([cut], {0})
+        client = NodeosClient(url, 1.0)
+        try:
+            with pytest.raises(NodeosError) as caught:
+                await client.get_info()
+        finally:
+            await client.aclose()
+            server.close()
+        return caught.value
+
+    error = asyncio.run(run())
+    assert isinstance(error, NodeosBadResponse) and "cut short" in error.reason

@@ -34,6 +34,10 @@ from bpleader.guard import GUARD_URL_ENV, pause_confirmed
 log = logging.getLogger(__name__)
 
 
+# The fence thread's longest wait: after a machine suspend it fires this late at most.
+STEP = 0.25
+
+
 class ThreadFence:
     """Layer 3: a thread that pauses nodeos at the armed time unless re-armed first."""
 
@@ -50,8 +54,12 @@ class ThreadFence:
 
     def arm(self, pause_at: float) -> None:
         with self._cond:
+            # A later time needs no wake-up: the thread looks again at its next step.
+            # The leader moves it out at every renewal.
+            later = self._pause_at is not None and pause_at >= self._pause_at
             self._pause_at = pause_at
-            self._cond.notify()
+            if not later:
+                self._cond.notify()
 
     def disarm(self) -> None:
         with self._cond:
@@ -65,9 +73,10 @@ class ThreadFence:
                     self._cond.wait()
                 left = self._pause_at - self._now()
                 if left > 0:
-                    # Short waits: a wait on the monotonic clock does not count a suspend,
-                    # the boottime deadline does.
-                    self._cond.wait(min(left, 0.05))
+                    # Steps of at most STEP: a wait on the monotonic clock does not count
+                    # a suspend, the boottime deadline does; after a resume the thread
+                    # fires within one step (the guard process within its own).
+                    self._cond.wait(min(left, STEP))
                     continue
                 self._pause_at = None
             self.fired += 1

@@ -7,9 +7,8 @@ nodeos once that time has passed, and keeps it paused until the agent arms it ag
 This module imports only small parts of the standard library: one guard runs on every
 producer host for as long as the agent does, so it should cost a few MiB, not the agent's
 HTTP stack. That is why :func:`pause_confirmed` speaks its two requests of HTTP/1.1 over a
-plain socket instead of through ``httpx`` or ``http.client`` (which alone pulls in the
-``email`` package and ``ssl``, about 8 MiB): a POST with no body, a reply read to its
-``Content-Length`` (or chunked, or to the close), nothing else. The agent's own fence
+plain socket (with :mod:`bpleader.http1`) instead of through ``httpx`` or ``http.client``
+(which alone pulls in the ``email`` package and ``ssl``, about 8 MiB). The agent's own fence
 thread and ``bpleader fence`` use the same function, so all three fences trust exactly the
 same thing: ``/v1/producer/paused`` reading ``true`` after a pause of their own.
 """
@@ -17,7 +16,6 @@ same thing: ``/v1/producer/paused`` reading ``true`` after a pause of their own.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -28,9 +26,9 @@ import socket
 import subprocess
 import sys
 import time
-from urllib.parse import unquote, urlsplit
 
 from bpleader.clock import boottime
+from bpleader.http1 import Endpoint, HttpError, Reply
 
 log = logging.getLogger(__name__)
 
@@ -45,94 +43,50 @@ class PauseError(Exception):
     """One pause or paused request failed; the message is the reason to log."""
 
 
-def _connect(url: str, timeout: float) -> tuple[socket.socket, str, dict[str, str]]:
-    if url.startswith("unix://"):
+def _connect(end: Endpoint, timeout: float) -> socket.socket:
+    if end.unix_path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(url[len("unix://"):])
+            sock.connect(end.unix_path)
         except BaseException:
             sock.close()
             raise
-        return sock, "localhost", {}
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if https else 80)
-    sock = socket.create_connection((host, port), timeout=timeout)
-    if https:
+        return sock
+    sock = socket.create_connection((end.host, end.port), timeout=timeout)
+    if end.https:
         import ssl  # only for an https nodeos URL: ssl is most of http.client's weight
 
         try:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=end.host)
         except BaseException:
             sock.close()
             raise
-    extra = {}
-    if parts.username is not None:
-        user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        extra["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
-    return sock, parts.netloc.rpartition("@")[2], extra
-
-
-def _unchunk(body: bytes) -> bytes:
-    out = b""
-    while True:
-        size_line, sep, body = body.partition(b"\r\n")
-        if not sep:
-            raise PauseError("truncated chunked reply")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return out
-        out, body = out + body[:size], body[size + 2:]
+    return sock
 
 
 def post(url: str, path: str, timeout: float) -> tuple[int, bytes]:
     """POST ``path`` with an empty body; the status and body, within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
+    end = Endpoint.from_url(url)
+    reply = Reply(MAX_REPLY)
     try:
-        sock, host, extra = _connect(url, timeout)
-        with sock:
-            headers = {"Host": host, "Content-Length": "0", "Connection": "close", **extra}
-            request = f"POST {path} HTTP/1.1\r\n" + "".join(
-                f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-            sock.sendall(request.encode())
-            data, length = b"", None
-            while length is None or len(data) < length:
+        with _connect(end, timeout) as sock:
+            sock.sendall(end.request(path, keep_alive=False))
+            while not reply.done:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 chunk = sock.recv(MAX_REPLY)
                 if not chunk:
-                    break
-                data += chunk
-                if len(data) > MAX_REPLY:
-                    raise PauseError("reply too large")
-                head, sep, _ = data.partition(b"\r\n\r\n")
-                if sep and length is None:
-                    length = _content_length(head, len(head) + 4)
+                    reply.eof()
+                else:
+                    reply.feed(chunk)
     except TimeoutError:
         raise PauseError(f"timed out after {timeout:.2f} s") from None
     except OSError as exc:
         raise PauseError(f"unreachable: {type(exc).__name__} {str(exc)[:120]}") from None
-    head, sep, body = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    try:
-        status = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise PauseError(f"not an HTTP reply: {data[:60]!r}") from None
-    if not sep:
-        raise PauseError("reply cut short")
-    if any(line.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for line in lines):
-        body = _unchunk(body)
-    return status, body
-
-
-def _content_length(head: bytes, header_bytes: int) -> int | None:
-    """The reply's total size in bytes, when it says so (else it ends with the close)."""
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            return header_bytes + int(value.strip())
-    return None
+    except HttpError as exc:
+        raise PauseError(str(exc)) from None
+    return reply.status, reply.body
 
 
 def _call(url: str, what: str, timeout: float) -> bytes:
@@ -252,7 +206,9 @@ def guard_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     while True:
-        wait = 0.05 if pause_at is not None else 1.0
+        # Armed: wake when the fence time (or the next check) comes, or on a new command.
+        wait = 1.0 if pause_at is None else \
+            min(1.0, max(0.0, max(pause_at, next_check) - boottime()))
         if parent_alive:
             ready, _, _ = select.select([stdin], [], [], wait)
             if ready:

@@ -16,9 +16,11 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import httpx
+from bpleader.http1 import Endpoint, HttpError, Reply
 
 EXCERPT = 80
+MAX_REPLY = 8 << 20  # a get_table_rows of finalizer keys is the largest we ask for
+IDLE_CONNECTIONS = 4  # kept open for reuse: the tick asks two things at once
 PRODUCER_CALLS = frozenset({"pause", "resume", "paused", "pause_at_block"})
 
 
@@ -256,6 +258,73 @@ def _first_detail(body: bytes) -> str:
     return ""
 
 
+class Connections:
+    """Keep-alive HTTP/1.1 connections to one nodeos, on asyncio streams.
+
+    A connection is used by one request at a time and kept for the next one; any failure
+    closes it. A kept connection the server has closed since fails at once with nothing
+    read: that request is sent again on a new connection, within the same timeout.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.endpoint = Endpoint.from_url(url)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        async with asyncio.timeout(timeout):
+            while self._idle:
+                try:
+                    return await self._exchange(self._idle.pop(), path, body)
+                except _Stale:
+                    continue
+            return await self._exchange(await self._open(), path, body)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        end = self.endpoint
+        if end.unix_path is not None:
+            return await asyncio.open_unix_connection(end.unix_path)
+        if end.https:
+            import ssl
+
+            return await asyncio.open_connection(end.host, end.port,
+                                                 ssl=ssl.create_default_context())
+        return await asyncio.open_connection(end.host, end.port)
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                        path: str, body: bytes) -> tuple[int, bytes]:
+        reader, writer = conn
+        reply = Reply(MAX_REPLY)
+        got = False
+        try:
+            writer.write(self.endpoint.request(path, body))
+            while not reply.done:
+                data = await reader.read(65536)
+                if not data:
+                    if not got:
+                        raise _Stale
+                    reply.eof()
+                else:
+                    got = True
+                    reply.feed(data)
+        except BaseException:
+            writer.close()
+            raise
+        if reply.keep_alive and len(self._idle) < IDLE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            writer.close()
+        return reply.status, reply.body
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for _reader, writer in idle:
+            writer.close()
+
+
+class _Stale(ConnectionError):
+    """A kept connection was closed by nodeos before our request."""
+
+
 class NodeosClient:
     """Async client for one nodeos (``http://host:port`` or ``unix:///path``)."""
 
@@ -264,11 +333,7 @@ class NodeosClient:
         self.url = url
         self.timeout = timeout
         self._on_request = on_request
-        if url.startswith("unix://"):
-            transport = httpx.AsyncHTTPTransport(uds=url[len("unix://"):])
-            self._http = httpx.AsyncClient(transport=transport, base_url="http://localhost")
-        else:
-            self._http = httpx.AsyncClient(base_url=url.rstrip("/"))
+        self._http = Connections(url)
 
     async def __aenter__(self) -> NodeosClient:
         return self
@@ -285,15 +350,8 @@ class NodeosClient:
         started = time.monotonic()
         kind: str | None = None
         try:
-            try:
-                resp = await self._http.post(path, json=body, timeout=timeout) if body else \
-                    await self._http.post(path, content=b"", timeout=timeout)
-            except httpx.TimeoutException:
-                raise NodeosTimeout(call, f"timed out after {timeout:.2f} s") from None
-            except (httpx.TransportError, OSError) as exc:
-                raise NodeosUnavailable(call, f"unreachable: {type(exc).__name__} "
-                                        f"{str(exc)[:120]}") from None
-            return parse_response(call, resp.status_code, resp.content)
+            status, content = await self._post(call, path, body, timeout)
+            return parse_response(call, status, content)
         except NodeosError as exc:
             kind = type(exc).__name__
             raise
@@ -303,6 +361,19 @@ class NodeosClient:
         finally:
             if self._on_request is not None:
                 self._on_request(call, time.monotonic() - started, kind)
+
+    async def _post(self, call: str, path: str, body: dict[str, Any] | None,
+                    timeout: float) -> tuple[int, bytes]:
+        try:
+            return await self._http.post(path, json.dumps(body).encode() if body else b"",
+                                         timeout)
+        except TimeoutError:
+            raise NodeosTimeout(call, f"timed out after {timeout:.2f} s") from None
+        except OSError as exc:
+            raise NodeosUnavailable(call, f"unreachable: {type(exc).__name__} "
+                                    f"{str(exc)[:120]}") from None
+        except HttpError as exc:
+            raise NodeosBadResponse(call, str(exc)) from None
 
     async def _call(self, call: str, path: str, budget: float | None,
                     body: dict[str, Any] | None = None) -> Any:
@@ -384,17 +455,10 @@ class NodeosClient:
 
     async def send_transaction(self, packed: dict[str, Any], timeout: float) -> str:
         """``send_transaction2`` once (never retried here: a resend is the caller's call)."""
-        call = "send_transaction2"
-        try:
-            resp = await self._http.post(
-                "/v1/chain/send_transaction2", timeout=timeout,
-                json={"return_failure_trace": True, "retry_trx": False,
-                      "transaction": packed})
-        except httpx.TimeoutException:
-            raise NodeosTimeout(call, f"timed out after {timeout:.2f} s") from None
-        except (httpx.TransportError, OSError) as exc:
-            raise NodeosUnavailable(call, f"unreachable: {type(exc).__name__}") from None
-        return parse_transaction_reply(resp.status_code, resp.content)
+        status, content = await self._post(
+            "send_transaction2", "/v1/chain/send_transaction2",
+            {"return_failure_trace": True, "retry_trx": False, "transaction": packed}, timeout)
+        return parse_transaction_reply(status, content)
 
     async def paused(self, budget: float | None = None) -> bool:
         data = await self._call("paused", "/v1/producer/paused", budget)

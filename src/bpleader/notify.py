@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -42,6 +41,8 @@ from tenacity import (
 from bpleader import __version__
 
 if TYPE_CHECKING:
+    import httpx
+
     from bpleader.agent import Agent, AgentEvent
     from bpleader.config import NotifyConfig
 
@@ -230,12 +231,16 @@ class _Worker:
             return self._queue.popleft()
 
     def _run(self) -> None:
+        import httpx  # here: an agent without notifications never loads the HTTP stack
+
         with httpx.Client(timeout=self._n.timeout, follow_redirects=False,
                           headers={"User-Agent": f"bpleader/{__version__}"}) as client:
             while (event := self._next()) is not None:
                 self._deliver(client, event)
 
     def _deliver(self, client: httpx.Client, event: Event) -> None:
+        import httpx
+
         req = self.sink.request(event)
         if req is None:
             return
