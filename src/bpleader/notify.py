@@ -357,6 +357,10 @@ class Notifier:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            if self.workers:
+                # Loaded here, before any event: an import in a worker thread would hold
+                # the interpreter for tens of ms just when the agent reports its first.
+                import httpx  # noqa: F401
             for name in HTTP_LOGGERS:
                 logging.getLogger(name).addFilter(self._filter)
             for w in self.workers:
