@@ -88,6 +88,8 @@ def run_trial(bed: Testbed, design_name: str, scenario: Scenario, index: int,
         held = scenario.held(bed.lease_ttl)
         scenario.hold(ctx, min(held, max_hold or held))
         t_heal = time.time()
+        if scenario.name == "switchover" and ctx.state.get("effective"):
+            t_fault = ctx.state["effective"][0]  # the request in etcd, not the command
         scenario.heal(ctx)
         time.sleep(settle)
         poller.halt.set()

@@ -222,7 +222,7 @@ class Rig:
         groups["agents"] += guard_pids(set(self.urls.values()))
         return {k: round(proc_usage(v)[1], 1) for k, v in groups.items()}
 
-    def producing(self, timeout: float = 10.0) -> Counter[int]:
+    def producing(self, timeout: float = 30.0) -> Counter[int]:
         """Per producer index, how many of its nodes are up and unpaused now."""
         nodes = self.sim.ask("producing", timeout)["producing"]
         return Counter(int(n[1:].split("-")[0]) for n in nodes)

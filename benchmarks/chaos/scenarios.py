@@ -102,11 +102,11 @@ def _resync(ctx: Ctx) -> None:
 
 
 def _switchover(ctx: Ctx) -> None:
-    ctx.design.switchover(ctx.leader, ctx.other)
+    ctx.state["effective"] = ctx.design.switchover(ctx.leader, ctx.other)
 
 
 def _switchover_now(ctx: Ctx) -> None:
-    ctx.design.switchover(ctx.leader, ctx.other, now=True)
+    ctx.state["effective"] = ctx.design.switchover(ctx.leader, ctx.other, now=True)
 
 
 def _after_switchover(ctx: Ctx) -> None:
@@ -166,10 +166,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "(systemctl stop)", _graceful_stop, _restart, 6.0, 1),
     Scenario("nodeos_desync", "leader's nodeos out of sync (head stops)",
              _desync, _resync, 10.0, 1),
-    Scenario("switchover", "planned switchover (bpleader switchover / stop keepalived)",
-             _switchover, _after_switchover, 6.0, 1),
+    Scenario("switchover", "planned switchover at a random moment (`bpleader switchover "
+             "--now`, timed from its request in etcd / stop keepalived)",
+             _switchover_now, _after_switchover, 6.0, 1),
     Scenario("switchover_gap", "planned switchover on a chain with a gap after our round "
-             "(bpleader: timed to the gap, the default / stop keepalived)",
+             "(bpleader: timed to the gap, the default; timed from the command's start "
+             "/ stop keepalived)",
              _switchover, _after_switchover, 14.0, 1, chain=tuple(GAP_CHAIN)),
     Scenario("switchover_gap_now", "the same with `bpleader switchover --now` (the "
              "baseline's is the same SIGTERM as above)", _switchover_now, _after_switchover,

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +291,9 @@ class Design:
     def restart(self, node: str) -> None:
         raise NotImplementedError
 
-    def switchover(self, old: str, new: str, now: bool = False) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> list[float]:
+        """Start a planned handover; the list receives the time it took effect, when
+        that is later than the call (empty: at the call)."""
         raise NotImplementedError
 
     def graceful_stop(self, node: str) -> None:
@@ -396,13 +399,26 @@ class Bpleader(Design):
         self.net.kill_host_procs(node)
         self._spawn(node)
 
-    def switchover(self, old: str, new: str, now: bool = False) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> list[float]:
         """``bpleader switchover --to new``: timed to the gap after our round unless
-        ``now``."""
-        subprocess.Popen([PYTHON, "-m", "bpleader.cli", "switchover", "--config",
-                          str(self.configs[new]), "--to", new, *(["--now"] if now else [])],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": str(SRC)})
+        ``now``. It takes effect when the command writes the request to etcd (it says
+        so): that, not the start of a Python process, is the handover's start."""
+        proc = subprocess.Popen([PYTHON, "-m", "bpleader.cli", "switchover", "--config",
+                                 str(self.configs[new]), "--to", new,
+                                 *(["--now"] if now else [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": str(SRC)})
+        requested: list[float] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(b"switchover requested") and not requested:
+                    requested.append(time.time())
+            proc.wait()
+
+        threading.Thread(target=read, daemon=True).start()
+        return requested
 
 
 KEEPALIVED_CONF = """\
@@ -517,9 +533,10 @@ class Keepalived(Design):
         self.net.kill_host_procs(node)
         self._spawn(node)
 
-    def switchover(self, old: str, new: str, now: bool = False) -> None:
+    def switchover(self, old: str, new: str, now: bool = False) -> list[float]:
         """`systemctl stop keepalived` on the master: SIGTERM (priority-0 advert)."""
         self._signal(old, signal.SIGTERM)
+        return []
 
     def graceful_stop(self, node: str) -> None:
         self._signal(node, signal.SIGTERM)

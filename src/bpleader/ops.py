@@ -162,6 +162,7 @@ async def _switchover(store: EtcdStore, target: str | None, ttl: int, wait: floa
     old = snap.leader
     assert old is not None
     await store.request_switchover(target or "", ttl)
+    say(f"switchover requested: {old.node} -> {target or 'any in-sync node'}")
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         await asyncio.sleep(0.2)
