@@ -214,7 +214,7 @@ class Agent:
         self.fencer = fencer
         self.sync = sync
         self.session = Session(store, clock, settings.lease_ttl, settings.keepalive_interval,
-                               self._on_renew, self._context)
+                               self._on_renew, self._context, self._wake)
         self.role = Role.STARTING
         self.stats = AgentStats()
         self.last: Observation | None = None
@@ -320,6 +320,10 @@ class Agent:
     def _on_change(self) -> None:
         """The store's watch saw a key change under our prefix (not a node record)."""
         self._stale = True
+        self._wakeup.set()
+
+    def _wake(self) -> None:
+        """Run the next tick now (the lease was lost: a producing node fences)."""
         self._wakeup.set()
 
     async def tick(self) -> None:

@@ -45,6 +45,7 @@ class Session:
         interval: float,
         on_renew: Callable[[float], None],
         describe: Callable[[], str] = lambda: "",
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -52,6 +53,7 @@ class Session:
         self._interval = interval
         self._on_renew = on_renew
         self._describe = describe
+        self._on_lost = on_lost
         self.lease: Lease | None = None
         self.deadline: float | None = None
         self.stats = SessionStats()
@@ -124,6 +126,7 @@ class Session:
         log.warning("%s event=lease_lost reason=%r", self._describe(), reason)
         self.lease, self.deadline = None, None
         self.stats.losses += 1
+        self._on_lost()  # a leader fences at once, not at its next tick
 
     def abandon(self) -> Lease | None:
         """Forget the lease without revoking it (shutdown revokes it itself)."""

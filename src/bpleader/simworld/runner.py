@@ -35,12 +35,18 @@ class Job:
     keep_trace: int | None
     kill_fence: bool = True
     savanna: bool = True
+    # Run in the fault mix of this weakened agent's scenario (the real agent is checked
+    # in the very world where a weakened one fails).
+    faults_of: str = ""
 
 
 def run_job(job: Job) -> Result:
+    overrides = dict(SCENARIOS.get(job.agent, {}))
+    if job.faults_of and "faults" in SCENARIOS.get(job.faults_of, {}):
+        overrides["faults"] = SCENARIOS[job.faults_of]["faults"]
     scenario = Scenario.explore(job.seed, job.duration, agent=job.agent,
                                 keep_trace=job.keep_trace, kill_fence=job.kill_fence,
-                                savanna=job.savanna, **SCENARIOS.get(job.agent, {}))
+                                savanna=job.savanna, **overrides)
     return simulate(scenario)
 
 
