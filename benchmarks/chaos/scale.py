@@ -140,6 +140,53 @@ class Host:
         return answer
 
 
+class Simulators:
+    """The simulator: one host process per ``per_process`` producers.
+
+    One process for all would be the simplest, but a Python process serving hundreds of
+    simulated nodes (a thread per connection, a slot clock thread per chain) starves its
+    own main thread of the GIL: measured here, one process could not even start 500
+    chains within minutes, nor answer the benchmark's poll within 30 s at 200. Every
+    chain is still independent, so splitting them changes nothing they simulate.
+    """
+
+    def __init__(self, pairs: int, per_process: int, work: Path) -> None:
+        self.hosts: list[Host] = []
+        for j, first in enumerate(range(0, pairs, per_process)):
+            n = min(per_process, pairs - first)
+            self.hosts.append(Host([PYTHON, "-m", "benchmarks.chaos.scale_hosts", "sim",
+                                    "--first", str(first), "--pairs", str(n)],
+                                   work / f"sim{j}.log"))
+        self.urls: dict[str, str] = {}
+        for host in self.hosts:
+            self.urls.update(host.read(60 + 0.2 * per_process)["nodes"])
+
+    def pids(self) -> dict[str, int]:
+        return {f"sim{j}": h.pid for j, h in enumerate(self.hosts)}
+
+    def ask_all(self, command: str, timeout: float) -> list[dict[str, Any]]:
+        for host in self.hosts:
+            host.send(command)
+        return [host.read(timeout) for host in self.hosts]
+
+    def producing(self, timeout: float = 30.0) -> set[str]:
+        """The simulated nodes up and unpaused now."""
+        return {n for r in self.ask_all("producing", timeout) for n in r["producing"]}
+
+    def ledger(self, timeout: float = 30.0) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for r in self.ask_all("ledger", timeout):
+            total.update(r)
+        return dict(total)
+
+    def close(self) -> None:
+        for host in self.hosts:
+            with contextlib.suppress(HostError):
+                host.send("quit")
+        for host in self.hosts:
+            host.close(None, 5)
+
+
 # ----------------------------------------------------------------------- measurements
 
 
@@ -190,14 +237,14 @@ class Rig:
     """What one size runs: etcd, the simulator host, the agents."""
 
     etcd: EtcdCluster
-    sim: Host
+    sim: Simulators
     urls: dict[str, str]
     agent_pids: dict[str, int] = field(default_factory=dict)  # label -> pid
 
     def pids(self) -> dict[str, list[int]]:
         """Process labels -> pids: etcd members, the simulator, each agent process."""
         out = {f"etcd:{m.name}": [m.proc.pid] for m in self.etcd.members if m.proc}
-        out["sim"] = [self.sim.pid]
+        out.update({label: [pid] for label, pid in self.sim.pids().items()})
         out["driver"] = [os.getpid()]  # this process: polling the simulator and etcd
         for label, pid in self.agent_pids.items():
             out[label] = [pid]
@@ -218,14 +265,13 @@ class Rig:
         for label, pids in self.pids().items():
             if label != "driver":
                 groups["etcd" if label.startswith("etcd") else
-                       "sim" if label == "sim" else "agents"] += pids
+                       "sim" if label.startswith("sim") else "agents"] += pids
         groups["agents"] += guard_pids(set(self.urls.values()))
         return {k: round(proc_usage(v)[1], 1) for k, v in groups.items()}
 
     def producing(self, timeout: float = 30.0) -> Counter[int]:
         """Per producer index, how many of its nodes are up and unpaused now."""
-        nodes = self.sim.ask("producing", timeout)["producing"]
-        return Counter(int(n[1:].split("-")[0]) for n in nodes)
+        return Counter(int(n[1:].split("-")[0]) for n in self.sim.producing(timeout))
 
 
 def cpu_between(a: Sample, b: Sample) -> dict[str, Any]:
@@ -235,14 +281,16 @@ def cpu_between(a: Sample, b: Sample) -> dict[str, Any]:
     busy = (b.busy - a.busy) / max(1, b.total - a.total) * CORES
     per = {k: (b.cpu.get(k, 0.0) - a.cpu.get(k, 0.0)) / span for k in b.cpu}
     etcd = {k: v for k, v in per.items() if k.startswith("etcd:")}
+    sims = {k: v for k, v in per.items() if k.startswith("sim")}
     agents = {k: v for k, v in per.items()
-              if not k.startswith("etcd:") and k not in ("sim", "driver")}
+              if not k.startswith(("etcd:", "sim")) and k != "driver"}
     return {
         "etcd": round(sum(etcd.values()), 3),
         "etcd_max_member": round(max(etcd.values(), default=0.0), 3),
         "agents": round(sum(agents.values()), 3),
         "agents_max_process": round(max(agents.values(), default=0.0), 3),
-        "sim": round(per.get("sim", 0.0), 3),
+        "sim": round(sum(sims.values()), 3),
+        "sim_max_process": round(max(sims.values(), default=0.0), 3),
         "driver": round(per.get("driver", 0.0), 3),
         "machine_busy_cores": round(busy, 3),
         # Whatever else ran on the machine meanwhile (another user's jobs): figures taken
@@ -277,8 +325,8 @@ def limits(cpu: dict[str, Any], lag: dict[str, Any] | None, inproc: bool) -> lis
     if inproc and cpu["agents_max_process"] >= GIL_BOUND:
         found.append(f"an agent host process at {cpu['agents_max_process']:.2f} core "
                      "(one Python process: GIL-bound)")
-    if cpu["sim"] >= GIL_BOUND:
-        found.append(f"simulator process at {cpu['sim']:.2f} core (GIL-bound)")
+    if cpu["sim_max_process"] >= GIL_BOUND:
+        found.append(f"a simulator process at {cpu['sim_max_process']:.2f} core (GIL-bound)")
     if lag is not None and (lag.get("p99") or 0.0) >= LOOP_LAGGING:
         found.append(f"agent event loop late by {lag['p99']:.2f} s (p99) for a 100 ms sleep")
     return found
@@ -418,6 +466,7 @@ class Options:
     agent_procs: int
     fence: str
     pool: int
+    sim_pairs: int
 
 
 def mode_for(opts: Options, agents: int) -> str:
@@ -443,13 +492,11 @@ def run_size(pairs: int, opts: Options, work: Path) -> dict[str, Any]:
                    guard_processes=True)
     etcd = EtcdCluster(work / "etcd", size=3)
     etcd.start()
-    sim: Host | None = None
+    sim: Simulators | None = None
     runner: ProcessAgents | InprocAgents | None = None
     try:
-        sim = Host([PYTHON, "-m", "benchmarks.chaos.scale_hosts", "sim", "--pairs", str(pairs)],
-                   work / "sim.log")
-        urls: dict[str, str] = sim.read(60 + 0.2 * pairs)["nodes"]
-        rig = Rig(etcd, sim, urls)
+        sim = Simulators(pairs, opts.sim_pairs, work)
+        rig = Rig(etcd, sim, sim.urls)
         s0 = rig.sample()
         t_start = time.monotonic()
         if mode == "inproc":
@@ -489,7 +536,7 @@ def run_size(pairs: int, opts: Options, work: Path) -> dict[str, Any]:
                                   f"{row['kills']} not done within {FAILOVER_TIMEOUT:.0f} s; "
                                   + ("; ".join(row["limits"]) or "no CPU limit seen"))
         time.sleep(3)
-        ledger = sim.ask("ledger", 30)  # the invariant holds or not whatever the load
+        ledger = sim.ledger()  # the invariant holds or not whatever the load
         row["double_produced_slots"] = ledger["double_produced_slots"]
         row["double_produced_heights"] = ledger["double_produced_heights"]
         return row
@@ -502,7 +549,7 @@ def run_size(pairs: int, opts: Options, work: Path) -> dict[str, Any]:
                 row["rss_mib_at_end"] = rig.rss_mib()
             runner.stop()
         if sim is not None:
-            sim.close("quit", 30)
+            sim.close()
         etcd.stop()
 
 
@@ -538,7 +585,7 @@ def failovers(rig: Rig, runner: ProcessAgents | InprocAgents, pairs: int,
     """Crash the leader agent of ``kills`` producers (spread over all) at once; time each
     until the other node of the pair produces and the old one does not."""
     before = runner.stats()
-    producing = set(rig.sim.ask("producing", 10)["producing"])
+    producing = rig.sim.producing()
     # Only producers with one producing node now (one without has nothing to fail over).
     ready = [i for i in range(pairs) if sum(n in producing for n in pair_nodes(i)) == 1]
     victims = ready[::max(1, len(ready) // kills)][:kills]
@@ -548,7 +595,7 @@ def failovers(rig: Rig, runner: ProcessAgents | InprocAgents, pairs: int,
     runner.crash(list(old.values()))
     done: dict[int, float] = {}
     while len(done) < len(victims) and time.monotonic() - t_kill < FAILOVER_TIMEOUT:
-        now = set(rig.sim.ask("producing", 10)["producing"])
+        now = rig.sim.producing()
         for i in victims:
             if i not in done and new[i] in now and old[i] not in now:
                 done[i] = time.monotonic() - t_kill
@@ -600,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=64,
                    help="in-process: threads for etcd calls shared by a host's stores "
                    "(0: each store its own 4-thread pool, as in production)")
+    p.add_argument("--sim-pairs", type=int, default=100,
+                   help="producers per simulator process")
     p.add_argument("--measure", type=float, default=30.0, help="seconds at rest measured")
     p.add_argument("--kills", type=int, default=10, help="leader agents crashed at once")
     p.add_argument("--keep-going", action="store_true",
@@ -613,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) // 2 for s in args.sizes.split(",") if s]
     else:
         sizes = [5, 25]
-    opts = Options(args.mode, args.measure, args.kills, args.agent_procs, args.fence, args.pool)
+    opts = Options(args.mode, args.measure, args.kills, args.agent_procs, args.fence, args.pool,
+                   args.sim_pairs)
     rows: list[dict[str, Any]] = []
     command = " ".join(["python -m benchmarks.chaos.scale", *(argv or sys.argv[1:])])
     tmp = Path(tempfile.mkdtemp(prefix="bpl-scale-"))

@@ -264,6 +264,10 @@ class Agent:
         # records leaders leave, what bounds the heights a vanished leader may have signed.
         self._seen_ours: tuple[int, float] = (0, 0.0)  # (height, block time)
         self._own_high: tuple[int, float] = (0, 0.0)  # our newest block while we may sign
+        # While we may sign: the head we last saw (height, block time, Clock.now), and the
+        # highest height nodeos may have signed unseen in a gap between two looks.
+        self._looked: tuple[int, float, float] | None = None
+        self._gap_high = 0
         self._unsent_handover = 0  # a handover head a failed resign could not write
         self._resume_sent = False  # a resume went out since we were last confirmed paused
         self._adopted = False  # looked for a previous incarnation's last record
@@ -842,11 +846,12 @@ class Agent:
         own_h, own_t = self._own_high
         stop = min(end, self._own_stopped_at) if self._own_stopped_at is not None else end
         self._own_high, self._own_stopped_at, self._resume_sent = (0, 0.0), None, False
-        own_bound = 0
+        own_bound, self._gap_high, self._looked = self._gap_high, 0, None
         if own_h and end - own_t <= 2 * self.cfg.lease_ttl + 2.0:
             # A sample older than a lease TTL says nothing of the last blocks: nodeos did
             # not answer us for that long, and our unfenced mark covered the gap.
-            own_bound = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
+            own_bound = max(own_bound,
+                            own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL))
         try:
             info = await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)
         except NodeosError as exc:
@@ -1002,7 +1007,26 @@ class Agent:
             self._peer_head = max((r.head_block_num for r in snap.records.values()
                                    if r.valid and r.in_sync and r.lease_id
                                    and r.node != self.cfg.node), default=0)
-        return Observation(now, wall, info, sync, paused, snap)
+        o = Observation(now, wall, info, sync, paused, snap)
+        if self._armed and self._resume_sent and info is not None:
+            self._note_gap(o, info)
+        return o
+
+    def _note_gap(self, o: Observation, info: ChainInfo) -> None:
+        """Between two looks at nodeos more than a couple of ticks apart (our agent
+        frozen or stalled), it may have signed one block per slot on the head we saw
+        last, on a branch a reorg has taken off its head since: seed 20101, a leader
+        frozen while cut from p2p, whose thawed agent recorded the network's head #166
+        while its nodeos had signed up to #169 on its own branch."""
+        prev, self._looked = self._looked, (info.head_block_num, info.head_block_time, o.now)
+        if prev is None:
+            return
+        height, block_time, at = prev
+        if o.now - at <= 2 * max(self.cfg.check_interval, BLOCK_INTERVAL):
+            return
+        stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
+        self._gap_high = max(self._gap_high, height + math.floor(
+            max(0.0, stop - block_time) / BLOCK_INTERVAL))
 
     def _read_due(self) -> bool:
         """Whether this tick reads etcd, or goes on with the last snapshot read.
@@ -1104,12 +1128,13 @@ class Agent:
         if not (self._armed and self._resume_sent and own_h):
             return head
         if o.info is not None:
-            return max(head, own_h)
+            return max(head, own_h, self._gap_high)
         # Unobserved since our newest block: count every slot until it stopped, or our
         # fences paused it, or now.
         stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
         unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
-        return max(unseen, self._record.head_block_num if self._record else 0)
+        return max(unseen, self._gap_high,
+                   self._record.head_block_num if self._record else 0)
 
     def _fenced_by(self, o: Observation) -> float:
         """The wall time our fences have paused nodeos by, with the block begun then.

@@ -170,6 +170,14 @@ class UnfencedRecordAgent(HeadIsExactAgent):
         return math.inf
 
 
+class UncountedGapAgent(Agent):
+    """Trusts nodeos's head after a gap in its looks at it, as before seed 20101: thawed
+    from a freeze, it records the network's head below its own branch's blocks."""
+
+    def _note_gap(self, o: Observation, info: ChainInfo) -> None:
+        return None
+
+
 class MaintenanceUnboundedAgent(Agent):
     """Leaves maintenance elected without bounding a leader that vanished meanwhile, as
     before seed 5334 (the candidate's path still bounds it)."""
@@ -208,6 +216,7 @@ AGENTS: dict[str, AgentFactory] = {
     "slow-kill": Agent,  # the real agent, with the guard's kill made late (see SCENARIOS)
     "maintenance-unbounded": MaintenanceUnboundedAgent,
     "uncounted-resume": UncountedResumeAgent,
+    "uncounted-gap": UncountedGapAgent,
 }
 
 
@@ -236,5 +245,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "maintenance-unbounded": {"faults": _more(maintenance=8, p2p_isolation=3,
                                               store_partition=2)},
     "uncounted-resume": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "uncounted-gap": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
