@@ -23,9 +23,10 @@ Two ways to run the agents (``--mode``):
 ``auto`` (the default) runs up to 50 agents as processes and more in process: fifty
 agent processes with their guards already take 22 s to start on two cores.
 
-Every producer's chain and both its simulated nodeos live in one simulator process. The
-run reads each process's CPU time from ``/proc/<pid>/stat`` (etcd: its three members
-summed; agents: the agent processes, with their guards; the simulator) and etcd's own
+Every producer's chain and both its simulated nodeos live in a simulator process of
+``--sim-pairs`` producers (see :class:`Simulators` for why not one process). The run
+reads each process's CPU time from ``/proc/<pid>/stat`` (etcd: its three members summed;
+agents: the agent processes, with their guards; the simulator processes) and etcd's own
 ``/metrics``: ``grpc_server_handled_total`` (gRPC calls completed: a unary request counts
 once, a stream once when it ends, so renewals on a kept keepalive stream do not count)
 and ``grpc_server_msg_received_total`` (every message received, each renewal and watch
@@ -416,14 +417,16 @@ class InprocAgents:
             by_host.setdefault(self.where[node], []).append(node)
         for h, victims in by_host.items():
             self.hosts[h].send("kill " + ",".join(victims))
-        for h in by_host:
-            self.hosts[h].read(30)
+        for h, victims in by_host.items():
+            killed = self.hosts[h].read(60)["killed"]
+            if len(killed) != len(victims):
+                raise HostError(f"agents{h}: crashed {killed} of {victims}")
 
     def stats(self) -> dict[str, Any] | None:
         """Counters summed over the hosts; the worst host's loop lag."""
         total: dict[str, Any] = {"roles": Counter(), "loop_lag": {}}
         for host in self.hosts:
-            s = host.ask("stats", 30)
+            s = host.ask("stats", 60)
             total["roles"].update(s.pop("roles"))
             lag = s.pop("loop_lag")
             for k, v in lag.items():
@@ -484,7 +487,9 @@ def run_size(pairs: int, opts: Options, work: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"mode": mode, "agents": agents, "producers": pairs,
                            "timing": DEFAULT_TIMING, "stopped": None}
     if mode == "inproc":
-        hosts = opts.agent_procs or max(1, min(2, agents // 500))
+        # Two from 400 agents: one loop was GIL-bound there (0.93 core, 167 of 200
+        # producers started in 120 s; 192 with two).
+        hosts = opts.agent_procs or (2 if agents >= 400 else 1)
         row.update(agent_processes=hosts, fence=f"{opts.fence} (in-process)",
                    guard_processes=False, etcd_call_pool=opts.pool or "per store")
     else:
@@ -639,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"agent processes: one per agent, or in-process hosts (auto: "
                    f"in-process above {AUTO_INPROC_ABOVE} agents)")
     p.add_argument("--agent-procs", type=int, default=0,
-                   help="in-process: number of agent host processes (0: 1, 2 from 1000 "
+                   help="in-process: number of agent host processes (0: 1, 2 from 400 "
                    "agents)")
     p.add_argument("--fence", choices=("shared", "thread"), default="shared",
                    help="in-process: one fence thread for all agents of a host, or "
@@ -647,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=64,
                    help="in-process: threads for etcd calls shared by a host's stores "
                    "(0: each store its own 4-thread pool, as in production)")
-    p.add_argument("--sim-pairs", type=int, default=100,
+    p.add_argument("--sim-pairs", type=int, default=50,
                    help="producers per simulator process")
     p.add_argument("--measure", type=float, default=30.0, help="seconds at rest measured")
     p.add_argument("--kills", type=int, default=10, help="leader agents crashed at once")

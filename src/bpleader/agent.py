@@ -63,6 +63,10 @@ TAKEOVER_POLL = 0.05
 # Savanna: a leader whose last record shows its LIB this far behind its head was losing
 # the network's votes (cut from p2p?) and may have gone on signing blocks nobody saw.
 LIB_LAG_NORMAL = 1.5
+# Savanna: blocks between a head and its LIB while the network votes for the head's branch
+# (a QC on the next block makes a block final: two behind, one more for delays). Counted
+# in blocks, not seconds: slots nobody signs (ours, during a failover) stretch the time.
+LIB_BLOCKS_NORMAL = 3
 # A producing node's record promises a fence time this many lease TTLs ahead; its fences
 # never pause later than the promise of its last record in etcd (see _fence_time).
 PROMISE_TTLS = 2.0
@@ -477,6 +481,9 @@ class Agent:
         if not self._after_predecessors(fresh):
             self._tick_by = self.clock.now() + TAKEOVER_POLL
             return Role.TAKING_OVER, "waiting for the previous leader's last slot to end"
+        if not self._finality_flows(fresh):
+            self._tick_by = self.clock.now() + TAKEOVER_POLL
+            return Role.TAKING_OVER, "waiting for the LIB to follow our head"
         if await self._resume_checked("takeover"):
             return Role.LEADER, "resumed production"
         return Role.TAKING_OVER, "resume not possible yet"
@@ -727,16 +734,27 @@ class Agent:
         head older than one another live node already has: a node cut from the p2p
         network looks in sync for max_head_lag, and would sign on a stale head (a fork)."""
         head = o.info.head_block_num if o.info else 0
-        if head >= max(self._prev_leader_head, self._peer_head):
+        above = head >= max(self._prev_leader_head, self._peer_head)
+        if above and o.info is not None and self._finality_flows(o.info):
             return True
         if not self._continuity_reported and \
                 o.now > self._won_at + self.cfg.takeover_delay + self.cfg.continuity_timeout:
             self._continuity_reported = True
             self.stats.continuity_waits += 1
-            self._log("continuity_timeout", f"own head {head} still below the previous "
-                      f"leader's {self._prev_leader_head} or another node's "
-                      f"{self._peer_head}; not resuming", logging.ERROR)
+            why = f"the LIB is more than {LIB_BLOCKS_NORMAL} blocks behind our head #{head}" \
+                if above else f"own head {head} still below the previous leader's " \
+                f"{self._prev_leader_head} or another node's {self._peer_head}"
+            self._log("continuity_timeout", f"{why}; not resuming", logging.ERROR)
         return False
+
+    def _finality_flows(self, info: ChainInfo) -> bool:
+        """Savanna: build only on a head whose branch the network is voting for (its LIB
+        close behind). A branch without votes, such as an old leader's private one after
+        a p2p cut, can lose to a shorter branch with a newer QC at any moment, and we
+        would then sign heights it had signed (seed 21296: resumed on the old leader's
+        #329, reorganised onto the network's #326 a slot later, signed #327 again)."""
+        return not self.sync.savanna or info.last_irreversible_block_num <= 0 or \
+            info.head_block_num - info.last_irreversible_block_num <= LIB_BLOCKS_NORMAL
 
     async def _resume_checked(self, why: str) -> bool:
         """Layer 6: re-check etcd in this step, with enough lease left for the resume."""

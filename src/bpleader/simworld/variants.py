@@ -178,6 +178,13 @@ class UncountedGapAgent(Agent):
         return None
 
 
+class UnfinalizedBranchAgent(Agent):
+    """Resumes on any head high enough, voted for or not, as before seed 21296."""
+
+    def _finality_flows(self, info: ChainInfo) -> bool:
+        return True
+
+
 class MaintenanceUnboundedAgent(Agent):
     """Leaves maintenance elected without bounding a leader that vanished meanwhile, as
     before seed 5334 (the candidate's path still bounds it)."""
@@ -217,6 +224,7 @@ AGENTS: dict[str, AgentFactory] = {
     "maintenance-unbounded": MaintenanceUnboundedAgent,
     "uncounted-resume": UncountedResumeAgent,
     "uncounted-gap": UncountedGapAgent,
+    "unfinalized-branch": UnfinalizedBranchAgent,
 }
 
 
@@ -246,5 +254,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
                                               store_partition=2)},
     "uncounted-resume": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "uncounted-gap": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "unfinalized-branch": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
