@@ -253,6 +253,10 @@ class Agent:
         self._unseen_until = 0.0  # the same for leaders whose keys we never saw
         self._handed_over = False
         self._stopped_wall = 0.0  # when our last block was out (for our handover)
+        # When a block our own nodeos may have begun before it last read paused is out:
+        # the doppelganger check must not take it for another node's.
+        self._own_quiet = 0.0
+        self._paused_before: bool | None = None
         self._continuity_reported = False
         self._quiet_until = 0.0
         self._next_resume = 0.0
@@ -577,7 +581,8 @@ class Agent:
         late = max(0.0, t.nodeos_timeout + BLOCK_INTERVAL - t.fence_guard)
         first = self._first_look if self._first_look is not None else o.wall
         self._unseen_until = first + late
-        bounds = [self._unseen_until]
+        # Our own nodeos, paused by us not long ago, may still sign the block it had begun.
+        bounds = [self._unseen_until, self._own_quiet]
         terms = o.snap.handover_terms if o.snap is not None else {}
         self._handed_over = bool(self._ahead)
         for c in self._ahead.values():
@@ -928,6 +933,7 @@ class Agent:
                             + CLOCK_MARGIN
                     self._disarm()
                     self._pause_error = None
+                    self._own_quiet = self.clock.wall() + BLOCK_INTERVAL + CLOCK_MARGIN
                     return True
             except NodeosError as exc:
                 self._pause_error = exc
@@ -999,6 +1005,11 @@ class Agent:
         if snap is not None and snap.switchover != self._last_switchover:
             self._last_switchover = snap.switchover
             self._switchover_from_me = snap.switchover == "" and self.role == Role.LEADER
+        if paused is not True or self._paused_before is not True:
+            # Our nodeos may be signing (unpaused, or not answering), or has just been
+            # paused: a block it has begun is ours, not another node's, until it is out.
+            self._own_quiet = wall + BLOCK_INTERVAL + CLOCK_MARGIN
+        self._paused_before = paused
         if self._own_high[0]:
             # A nodeos that refuses connections, or reads paused (explicitly or not),
             # signs nothing more; one that reads unpaused may sign again.
