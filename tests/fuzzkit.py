@@ -293,8 +293,9 @@ class FakeStore:
     async def clear_unfenced(self, node: str) -> None:
         self.kv.pop(self.keys.unfenced_node(node), None)
 
-    async def leave_handover(self, node: str, head: int) -> None:
-        self.kv[self.keys.handover(node)] = (handover_value(node, head).encode(), 1, 0)
+    async def leave_handover(self, node: str, head: int, by: str = "") -> None:
+        self.kv[self.keys.handover(node)] = (handover_value(node, head, by=by).encode(), 1,
+                                             0)
 
 
 @dataclass

@@ -1201,14 +1201,35 @@ class Agent:
             if rec.node == self.cfg.node or not rec.valid \
                     or o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5:
                 continue  # ours, unreadable, or of an older term
-            if o.snap.handovers.get(rec.node, 0) >= rec.head_block_num:
+            left = o.snap.handovers.get(rec.node, 0)
+            if self._exact_handover(o.snap, rec.node) and left >= rec.head_block_num:
                 continue  # it resigned with nodeos paused: its handover head is exact
-            bound = self._bound_one(o, rec)
+            # A bound an earlier winner left was right for that winner's view of the chain
+            # only (seed 22048: a winner cut from p2p trusted one): ours is at least it.
+            bound = max(left, self._bound_one(o, rec))
             self._wrote()
             try:
-                await self.store.leave_handover(rec.node, bound)
+                await self.store.leave_handover(rec.node, bound, by=self.cfg.node)
             except StoreError as exc:
                 self._etcd_error(exc)
+
+    @staticmethod
+    def _exact_handover(snap: Snapshot, node: str) -> bool:
+        """Whether ``node``'s handover is the head it read itself with nodeos paused."""
+        return node not in snap.bounded
+
+    @staticmethod
+    def _trusted_bound(o: Observation, rec: NodeRecord) -> int:
+        """When its blocks reached us: our head, which has them. Its last record may be a
+        record interval old, and this bound is left for later winners, whose own view of
+        the chain may lack its last blocks (seed 22048)."""
+        return max(rec.head_block_num, o.info.head_block_num if o.info is not None else 0)
+
+    @staticmethod
+    def _current(o: Observation, last: float) -> bool:
+        """Whether our chain has every block stamped up to a slot before ``last``: a
+        node cut from p2p a moment ago still looks in sync, and has not."""
+        return o.info is not None and o.info.head_block_time >= last - BLOCK_INTERVAL
 
     def _adopt_previous_term(self, o: Observation) -> None:
         """A previous incarnation of this agent led and left no handover (it was killed):
@@ -1237,8 +1258,10 @@ class Agent:
         slack = self.cfg.nodeos_timeout + BLOCK_INTERVAL + self.cfg.check_interval + 0.3
         losing_votes = self.sync.savanna and rec.lib_lag is not None \
             and rec.lib_lag > LIB_LAG_NORMAL
-        if not losing_votes and seen_h and last - seen_t <= slack:
-            return rec.head_block_num  # its blocks reached us until it must have stopped
+        if not losing_votes and seen_h and last - seen_t <= slack and self._current(o, last):
+            # Its blocks reached us until it must have stopped, and our chain is current
+            # to then: our head has them all (or will by our resume, a slot later).
+            return self._trusted_bound(o, rec)
         # Blocks after a block time come every slot; after a record's time, from the next
         # slot boundary on.
         bounds = [rec.head_block_num + math.ceil(max(0.0, last - rec.updated) / BLOCK_INTERVAL)]

@@ -238,6 +238,9 @@ class Snapshot:
     # key it resigned (its term) and the wall time its last block was out by. A winner
     # whose predecessors all left one for their term needs no blind takeover wait.
     handover_terms: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    # Nodes whose handover head another node left: a bound from that node's view of the
+    # chain when the first had vanished, not the head the first read with nodeos paused.
+    bounded: frozenset[str] = frozenset()
     # Per node, its record as last published while it could produce (no lease).
     lasts: Mapping[str, NodeRecord] = field(default_factory=dict)
     # Values under the prefix that were ignored, truncated or distrusted, each "key: why";
@@ -275,6 +278,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
     unfenced: dict[str, str] = {}
     handovers: dict[str, int] = {}
     terms: dict[str, tuple[int, float]] = {}
+    bounded: set[str] = set()
     lasts: dict[str, NodeRecord] = {}
     rejected: list[str] = []
     for key, value, create_revision, lease_id in kvs:
@@ -310,6 +314,8 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
                 handovers[handover.node] = handover.head
                 if handover.term:
                     terms[handover.node] = (handover.term, handover.stopped)
+                if handover.by and handover.by != handover.node:
+                    bounded.add(handover.node)
         elif key.startswith(keys.unfenced):
             # Whatever its value, the mark counts: it can only make nodes more careful.
             unfenced[key[len(keys.unfenced):][:128]] = text.strip()[:512] or "unconfirmed"
@@ -317,7 +323,7 @@ def parse_snapshot(keys: Keys, revision: int, kvs: list[tuple[str, bytes, int, i
             rejected.append(f"{_shown(keys, key)}: unknown key, ignored")
     candidates.sort(key=lambda c: c.create_revision)
     return Snapshot(revision, tuple(candidates), records, switchover, maintenance, unfenced,
-                    handovers, terms, lasts, tuple(rejected))
+                    handovers, terms, frozenset(bounded), lasts, tuple(rejected))
 
 
 @dataclass(frozen=True)
@@ -329,12 +335,16 @@ class Handover:
     head: int
     term: int = 0
     stopped: float = 0.0
+    by: str = ""  # the node that wrote it, when another than ``node``
 
 
-def handover_value(node: str, head: int, term: int = 0, stopped: float = 0.0) -> str:
+def handover_value(node: str, head: int, term: int = 0, stopped: float = 0.0,
+                   by: str = "") -> str:
     data: dict[str, Any] = {"node": node, "head": head}
     if term:
         data.update(term=term, stopped=round(stopped, 3))
+    if by and by != node:
+        data["by"] = by
     return json.dumps(data)
 
 
@@ -352,7 +362,7 @@ def parse_handover(text: str) -> Handover | None:
     term, stopped = _typed(data, "term", int, 0), _typed(data, "stopped", float, 0.0)
     if term <= 0 or not math.isfinite(stopped) or stopped <= 0:
         term, stopped = 0, 0.0  # a term without a stop time proves nothing
-    return Handover(node[:128], head, term, stopped)
+    return Handover(node[:128], head, term, stopped, (_text(data, "by") or "")[:128])
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -415,8 +425,9 @@ class Store(Protocol):
 
     async def clear_unfenced(self, node: str) -> None: ...
 
-    async def leave_handover(self, node: str, head: int) -> None:
-        """Record, without a lease, the head ``node`` left with nodeos paused."""
+    async def leave_handover(self, node: str, head: int, by: str = "") -> None:
+        """Record, without a lease, the head ``node`` left with nodeos paused, or (``by``
+        another node) a bound on the heights it may have signed before it vanished."""
         ...
 
 
@@ -745,9 +756,9 @@ class EtcdStore:
     async def clear_unfenced(self, node: str) -> None:
         await self._run("clear_unfenced", lambda c: c.delete(self.keys.unfenced_node(node)))
 
-    async def leave_handover(self, node: str, head: int) -> None:
-        await self._run("handover", lambda c: c.put(self.keys.handover(node),
-                                                     handover_value(node, head)))
+    async def leave_handover(self, node: str, head: int, by: str = "") -> None:
+        value = handover_value(node, head, by=by)
+        await self._run("handover", lambda c: c.put(self.keys.handover(node), value))
 
     # Operator commands (status, switchover, maintenance) share the connection code.
 

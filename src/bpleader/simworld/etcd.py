@@ -241,9 +241,9 @@ class SimEtcd:
             self._delete(self.keys.unfenced_node(node))
             self.trace.add("etcd", f"{node} unfenced mark cleared")
 
-    def leave_handover(self, node: str, head: int) -> None:
+    def leave_handover(self, node: str, head: int, by: str = "") -> None:
         self.expire()
-        self._put(self.keys.handover(node), handover_value(node, head).encode(), 0)
+        self._put(self.keys.handover(node), handover_value(node, head, by=by).encode(), 0)
         self.trace.add("etcd", f"{node} left handover head #{head}")
 
     # ------------------------------------------------------- operator commands
@@ -471,8 +471,8 @@ class StoreClient:
     async def clear_unfenced(self, node: str) -> None:
         await self._call("clear_unfenced", lambda: self._etcd.clear_unfenced(node))
 
-    async def leave_handover(self, node: str, head: int) -> None:
-        await self._call("handover", lambda: self._etcd.leave_handover(node, head))
+    async def leave_handover(self, node: str, head: int, by: str = "") -> None:
+        await self._call("handover", lambda: self._etcd.leave_handover(node, head, by))
 
 
 class CallHooks:

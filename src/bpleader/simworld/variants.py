@@ -18,7 +18,7 @@ from bpleader.finalizer import KeySwitcher
 from bpleader.nodeos import ChainInfo, SyncEvaluator
 from bpleader.simworld.scenario import DEFAULT_WEIGHTS, Faults
 from bpleader.simworld.world import AgentFactory
-from bpleader.store import Candidate, Store
+from bpleader.store import Candidate, NodeRecord, Snapshot, Store
 
 
 class _NoFencer:
@@ -185,6 +185,23 @@ class UnfinalizedBranchAgent(Agent):
         return True
 
 
+class TrustedBoundAgent(Agent):
+    """Takes another winner's bound for a vanished leader as exact, and trusts its own
+    view of the chain without asking whether it is current, as before seed 22048."""
+
+    @staticmethod
+    def _exact_handover(snap: Snapshot, node: str) -> bool:
+        return True
+
+    @staticmethod
+    def _trusted_bound(o: Observation, rec: NodeRecord) -> int:
+        return rec.head_block_num
+
+    @staticmethod
+    def _current(o: Observation, last: float) -> bool:
+        return True
+
+
 class MaintenanceUnboundedAgent(Agent):
     """Leaves maintenance elected without bounding a leader that vanished meanwhile, as
     before seed 5334 (the candidate's path still bounds it)."""
@@ -225,6 +242,7 @@ AGENTS: dict[str, AgentFactory] = {
     "uncounted-resume": UncountedResumeAgent,
     "uncounted-gap": UncountedGapAgent,
     "unfinalized-branch": UnfinalizedBranchAgent,
+    "trusted-bound": TrustedBoundAgent,
 }
 
 
@@ -255,5 +273,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "uncounted-resume": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "uncounted-gap": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "unfinalized-branch": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "trusted-bound": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
