@@ -80,7 +80,7 @@ CAUGHT_BY = {"no-key-switch": {"liveness"}}
 ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record",
                      "head-is-exact", "slow-kill", "maintenance-unbounded",
                      "uncounted-resume", "uncounted-gap", "unfinalized-branch",
-                     "trusted-bound"}
+                     "trusted-bound", "unblocked-at-once"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
@@ -152,14 +152,20 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   that leader's (stale) record head as its bound; a later winner, cut from p2p a moment
 #   before, took the bound as exact and re-signed a height. The bound left is the first
 #   winner's head, any node's bound is only a floor for the next, and a winner trusts its
-#   own view only when its chain is current to the vanished leader's stop.
+#   own view only when its chain is current to the vanished leader's stop (and, seed
+#   24298, never below that leader's newest block it saw, which a reorg may have taken
+#   off its head).
+# * unblocked-at-once (24377): a winner blocked by an unfenced node resumed the moment
+#   that node confirmed its pause, and signed the slot whose block it was finishing.
 REGRESSIONS = [(21063, 300.0, "nodeos-head-record", "double-production"),
                (21086, 300.0, "head-is-exact", "double-production"),
                (21053, 300.0, "slow-kill", "double-production"),
                (21091, 300.0, "maintenance-unbounded", "double-production"),
                (20101, 300.0, "uncounted-gap", "double-production"),
                (21296, 300.0, "unfinalized-branch", "double-production"),
-               (22048, 300.0, "trusted-bound", "double-production")]
+               (22048, 300.0, "trusted-bound", "double-production"),
+               (24298, 300.0, "trusted-bound", "double-production"),
+               (24377, 300.0, "unblocked-at-once", "double-production")]
 
 
 def test_the_seeds_the_long_runs_found_stay_fixed() -> None:

@@ -682,6 +682,7 @@ class Agent:
         if not others:
             if self._blocked_by:
                 self._log("unblocked", f"{self._blocked_by} confirmed its pause")
+                self._unfenced_paused(o)
             self._blocked_by = ""
             return ""
         node = sorted(others)[0]
@@ -690,6 +691,12 @@ class Agent:
             self._blocked_by = node
             self._log("blocked", reason, logging.ERROR)
         return reason
+
+    def _unfenced_paused(self, o: Observation) -> None:
+        """An unfenced node confirmed its pause no later than now, and the block it had
+        begun is signed still: it stops like a predecessor (seed 24377: resumed at once,
+        we signed that slot too)."""
+        self._quiet_from = max(self._quiet_from, o.wall + BLOCK_INTERVAL + CLOCK_MARGIN)
 
     async def _mark_unfenced(self, o: Observation) -> None:
         why = f"pause unconfirmed since {o.wall:.0f}: {self._pause_error}"
@@ -1218,12 +1225,13 @@ class Agent:
         """Whether ``node``'s handover is the head it read itself with nodeos paused."""
         return node not in snap.bounded
 
-    @staticmethod
-    def _trusted_bound(o: Observation, rec: NodeRecord) -> int:
-        """When its blocks reached us: our head, which has them. Its last record may be a
-        record interval old, and this bound is left for later winners, whose own view of
-        the chain may lack its last blocks (seed 22048)."""
-        return max(rec.head_block_num, o.info.head_block_num if o.info is not None else 0)
+    def _trusted_bound(self, o: Observation, rec: NodeRecord) -> int:
+        """When its blocks reached us: our head, which has them, or its newest block we
+        saw, if a reorganisation has taken that off our head since (seed 24298). Its last
+        record may be a record interval old, and this bound is left for later winners,
+        whose own view of the chain may lack its last blocks (seed 22048)."""
+        return max(rec.head_block_num, self._seen_ours[0],
+                   o.info.head_block_num if o.info is not None else 0)
 
     @staticmethod
     def _current(o: Observation, last: float) -> bool:

@@ -193,13 +193,19 @@ class TrustedBoundAgent(Agent):
     def _exact_handover(snap: Snapshot, node: str) -> bool:
         return True
 
-    @staticmethod
-    def _trusted_bound(o: Observation, rec: NodeRecord) -> int:
+    def _trusted_bound(self, o: Observation, rec: NodeRecord) -> int:
         return rec.head_block_num
 
     @staticmethod
     def _current(o: Observation, last: float) -> bool:
         return True
+
+
+class UnblockedAtOnceAgent(Agent):
+    """Resumes as soon as an unfenced node confirms its pause, as before seed 24377."""
+
+    def _unfenced_paused(self, o: Observation) -> None:
+        return None
 
 
 class MaintenanceUnboundedAgent(Agent):
@@ -243,6 +249,7 @@ AGENTS: dict[str, AgentFactory] = {
     "uncounted-gap": UncountedGapAgent,
     "unfinalized-branch": UnfinalizedBranchAgent,
     "trusted-bound": TrustedBoundAgent,
+    "unblocked-at-once": UnblockedAtOnceAgent,
 }
 
 
@@ -274,5 +281,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "uncounted-gap": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "unfinalized-branch": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "trusted-bound": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "unblocked-at-once": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
