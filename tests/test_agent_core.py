@@ -13,6 +13,7 @@ from bpleader.agent import BLOCK_INTERVAL, CLOCK_MARGIN, PROPAGATION, Role
 from bpleader.simworld import Scenario, World
 from bpleader.simworld.scenario import FAST_TIMING
 from bpleader.simworld.scenario import Rounds as Schedule
+from bpleader.simworld.variants import AGENTS
 
 T = FAST_TIMING  # lease_ttl 2, keepalive 0.3, fence_guard 0.9, takeover 0.5, check 0.25
 
@@ -228,3 +229,30 @@ def test_a_switchover_hands_over_within_a_slot_and_misses_no_slot_of_ours() -> N
         assert not w.violations
     finally:
         w.close()
+
+
+def _resume_then_hang(agent: str) -> int:
+    """The first leader's nodeos API hangs right after its resume, before its agent has
+    seen a block of its own (production goes on); its last record's head a second on."""
+    w = World(Scenario(seed=1, duration=600.0, nodes=2, timing=T, faults=None,
+                       keep_trace=None, agent=agent), AGENTS[agent])
+    try:
+        t = 0.0
+        while not any("event=resumed" in line for line in list(w.trace.lines)[-20:]):
+            t += 0.01
+            w.run_until(t)
+        lead = w.etcd.leader()
+        assert lead is not None
+        w.nodes[lead[0]].nodeos.api_hung = True
+        w.run_until(t + 1.0)
+        return w.etcd.snapshot().lasts[lead[0]].head_block_num
+    finally:
+        w.close()
+
+
+def test_a_leader_whose_api_hangs_right_after_its_resume_never_records_head_0() -> None:
+    """Seed 5629's path, made on purpose: a successor bounds a vanished leader from its
+    last record, so that record counts the blocks nodeos may sign from the head it resumed
+    on. The agent without that count (uncounted-resume) records 0."""
+    assert _resume_then_hang("real") > 0
+    assert _resume_then_hang("uncounted-resume") == 0

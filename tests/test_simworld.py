@@ -141,7 +141,8 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   leader that had vanished meanwhile after signing on a private branch.
 # * uncounted-resume (5629): a leader's API hung right after its resume, before it saw a
 #   block of its own, so its records showed head 0. Possible blocks count from the head
-#   it resumed on.
+#   it resumed on. No seed of its fault mix reaches that path since the later fixes
+#   (1,800 searched); tests/test_agent_core.py makes it on purpose instead.
 # * uncounted-gap (20101): a leader frozen while cut from p2p; thawed, its agent recorded
 #   the network's head below its own branch's blocks, and its successor trusted that
 #   record. A gap between two looks at nodeos counts a block per slot to the fences' stop.
@@ -158,6 +159,7 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 # * unblocked-at-once (24377): a winner blocked by an unfenced node resumed the moment
 #   that node confirmed its pause, and signed the slot whose block it was finishing.
 REGRESSIONS = [(21063, 300.0, "nodeos-head-record", "double-production"),
+               (23071, 300.0, "unfenced-record", "liveness"),
                (21086, 300.0, "head-is-exact", "double-production"),
                (21053, 300.0, "slow-kill", "double-production"),
                (21091, 300.0, "maintenance-unbounded", "double-production"),
