@@ -222,7 +222,9 @@ def test_switchover_in_the_gap_after_our_round_misses_no_slot(etcd3: EtcdCluster
     """Three producers of 6 slots each: our round is 3 s, the gap after it 6 s. Asked at
     the start of our round, the default switchover waits for the round to end and moves
     production in the gap: no slot of ours unsigned. ``--now`` at the same moment hands
-    over inside our round and loses slots (the control: the figure can fail)."""
+    over inside our round at once; the successor resumes on the old leader's handover
+    record within the slot, so it too should lose none, and the count it prints must be
+    the chain's own."""
     chain = {**LEGACY_CHAIN, "other_producers": ["ob1", "ob2"], "slots_per_producer": 6}
     with SimCluster(PRODUCER, NODES, pause_on_startup=True, **chain) as sim:
         world = World(tmp_path, etcd3.endpoints, sim)
@@ -240,7 +242,7 @@ def test_switchover_in_the_gap_after_our_round_misses_no_slot(etcd3: EtcdCluster
                                                          after=6, steady=True)
             record_result("switchover timed to the gap", missed_slots=missed,
                           missed_slots_now=missed_now)
-            assert missed_now > 0, out_now
+            assert "our round just ended" not in out_now, out_now
             assert f"{missed_now} slot(s) without a block" in out_now, out_now
             assert_no_double_production(world)
         finally:

@@ -716,7 +716,7 @@ class Agent:
         if not self._produced or self._me is not None or self._armed \
                 or o.paused is not True or o.snap is None:
             return
-        head = max(await self._final_head(), self._unsent_handover)
+        head = await self._handover_head()
         try:
             await self.store.leave_handover(self.cfg.node, head)
         except StoreError as exc:
@@ -851,16 +851,24 @@ class Agent:
         me, self._me = self._me, None
         if me is None:
             return
-        last_head = await self._final_head() if self._produced else 0
+        last_head = await self._handover_head() if self._produced else 0
         self._wrote()
         try:
             await self.store.resign(me, last_head, self._stopped_wall)
-            self._produced = False
+            self._produced, self._unsent_handover = False, 0
         except StoreError as exc:
             # The key goes with the lease in the worst case; the head is left later.
             self._etcd_error(exc)
             self._unsent_handover = max(self._unsent_handover, last_head)
         self._log("resigned", reason)
+
+    async def _handover_head(self) -> int:
+        """The head a handover leaves: our final head, and never below one a failed write
+        could not leave. Our newest-block marks are spent by the first count, and a reorg
+        may since have put our nodeos on a lower branch: seed 28069, a resign lost on the
+        wire with head #303; re-elected on the same key, the leader resigned again with
+        its nodeos's head #302, and its successor re-signed #303."""
+        return max(await self._final_head(), self._unsent_handover)
 
     async def _final_head(self) -> int:
         """The head to hand over once paused: every height we may have signed.

@@ -170,6 +170,14 @@ class UnfencedRecordAgent(HeadIsExactAgent):
         return math.inf
 
 
+class UnsentHandoverAgent(Agent):
+    """Leaves only its final head as read now in a handover, forgetting the higher head
+    a failed resign could not write (seed 28069)."""
+
+    async def _handover_head(self) -> int:
+        return await self._final_head()
+
+
 class UncountedGapAgent(Agent):
     """Trusts nodeos's head after a gap in its looks at it, as before seed 20101: thawed
     from a freeze, it records the network's head below its own branch's blocks."""
@@ -250,6 +258,7 @@ AGENTS: dict[str, AgentFactory] = {
     "unfinalized-branch": UnfinalizedBranchAgent,
     "trusted-bound": TrustedBoundAgent,
     "unblocked-at-once": UnblockedAtOnceAgent,
+    "unsent-handover": UnsentHandoverAgent,
 }
 
 
@@ -282,5 +291,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "unfinalized-branch": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "trusted-bound": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "unblocked-at-once": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "unsent-handover": {"faults": _more(p2p_isolation=3, nodeos_slow_p2p=3)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
