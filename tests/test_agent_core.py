@@ -256,3 +256,44 @@ def test_a_leader_whose_api_hangs_right_after_its_resume_never_records_head_0() 
     on. The agent without that count (uncounted-resume) records 0."""
     assert _resume_then_hang("real") > 0
     assert _resume_then_hang("uncounted-resume") == 0
+
+
+def _unblocked_to_resumed(agent: str) -> float:
+    """The leader's nodeos API hangs with production going on: its agent cannot confirm a
+    pause and marks itself unfenced, which blocks the next winner. Once the API answers
+    and the mark is cleared, how long the winner waits before it resumes."""
+    w = World(Scenario(seed=1, duration=600.0, nodes=2, timing=T, faults=None,
+                       keep_trace=None, agent=agent), AGENTS[agent])
+    try:
+        w.run_until(6.0)
+        lead = leader_of(w)
+        other = next(n for n in w.nodes if n != lead)
+        w.nodes[lead].nodeos.api_hung = True
+        blocked = when_reached(w, other, "event=blocked", 30.0)
+        w.nodes[lead].nodeos.api_hung = False
+        w.run_until(blocked + 10.0)
+        unblocked = when(w, other, "event=unblocked", after=blocked)
+        return when(w, other, "event=resumed", after=unblocked) - unblocked
+    finally:
+        w.close()
+
+
+def when_reached(w: World, node: str, pattern: str, limit: float) -> float:
+    """Run the world until ``node`` logs ``pattern``; the virtual time it did."""
+    t = w.loop.time()
+    while t < limit:
+        t += 0.05
+        w.run_until(t)
+        for line in list(w.trace.lines)[-30:]:
+            if line[10:17].strip() == node and re.search(pattern, line[18:]):
+                return t
+    raise AssertionError(f"no {pattern!r} for {node} by {limit}:\n{w.trace.text()[-3000:]}")
+
+
+def test_a_winner_unblocked_by_a_confirmed_pause_waits_for_its_block_in_flight() -> None:
+    """Seed 24377's path, made on purpose (no seed of its fault mix reaches it since the
+    fixes of 5149 and 5754): the node that confirms its pause may still sign the block it
+    had begun, so the winner waits out that slot and the clock margin. The agent that
+    resumes at once (unblocked-at-once) does not."""
+    assert _unblocked_to_resumed("real") >= BLOCK_INTERVAL + CLOCK_MARGIN
+    assert _unblocked_to_resumed("unblocked-at-once") < BLOCK_INTERVAL

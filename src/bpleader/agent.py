@@ -276,6 +276,10 @@ class Agent:
         # highest height nodeos may have signed unseen in a gap between two looks.
         self._looked: tuple[int, float, float] | None = None
         self._gap_high = 0
+        # While we may sign: the block of ours we saw last, and the highest height a
+        # branch our nodeos left since (a reorg) may have reached with blocks we never saw.
+        self._own_seen: tuple[int, float] = (0, 0.0)
+        self._left_high = 0
         self._unsent_handover = 0  # a handover head a failed resign could not write
         self._resume_sent = False  # a resume went out since we were last confirmed paused
         self._adopted = False  # looked for a previous incarnation's last record
@@ -885,6 +889,7 @@ class Agent:
         stop = min(end, self._own_stopped_at) if self._own_stopped_at is not None else end
         self._own_high, self._own_stopped_at, self._resume_sent = (0, 0.0), None, False
         own_bound, self._gap_high, self._looked = self._gap_high, 0, None
+        left, self._left_high, self._own_seen = self._left_high, 0, (0, 0.0)
         if own_h and end - own_t <= 2 * self.cfg.lease_ttl + 2.0:
             # A sample older than a lease TTL says nothing of the last blocks: nodeos did
             # not answer us for that long, and our unfenced mark covered the gap.
@@ -895,11 +900,12 @@ class Agent:
         except NodeosError as exc:
             self._nodeos_error(exc)
             last = self.last.info.head_block_num if self.last and self.last.info else 0
-            return max(last, own_bound)
+            return max(last, own_bound, left)
         if info.head_block_producer == self.cfg.producer and info.head_block_num >= own_h \
                 and self._extends(info, own_h, own_t):
-            return info.head_block_num  # our last block is our head: exact
-        return max(info.head_block_num, own_bound)
+            # Our last block is our head: exact, but for a branch nodeos left before it.
+            return max(info.head_block_num, left)
+        return max(info.head_block_num, own_bound, left)
 
     @staticmethod
     def _extends(info: ChainInfo, own_h: int, own_t: float) -> bool:
@@ -1033,6 +1039,9 @@ class Agent:
             elif self._own_stopped_at is None and (paused is True or isinstance(
                     info_r, NodeosUnavailable)):
                 self._own_stopped_at = wall + BLOCK_INTERVAL + CLOCK_MARGIN
+        if info is not None and self._armed and self._resume_sent:
+            self._note_left_branch(info, min(wall, self._own_stopped_at or math.inf,
+                                             self._fence_stop(wall, now)))
         if info is not None and info.head_block_producer == self.cfg.producer:
             mark = (info.head_block_num, info.head_block_time)
             if self._armed and self._resume_sent:
@@ -1055,6 +1064,33 @@ class Agent:
         if self._armed and self._resume_sent and info is not None:
             self._note_gap(o, info)
         return o
+
+    def _note_left_branch(self, info: ChainInfo, stop: float) -> None:
+        """A head that cannot be the block of ours we saw last, or a block after it, means
+        nodeos left that block's branch; on it, it may have begun one block per slot
+        since, which we never saw and which may stand higher than its new branch, up to
+        ``stop`` (now, or when it stopped signing: a nodeos restarted after the guard's
+        kill comes back lower without a reorganisation, seed 5379).
+        Seed 5149: a leader's nodeos, cut from p2p, signed #768 then #769 unseen; the
+        network's branch came back at #766, nodeos signed #767 and #768 on it, and the
+        newest block seen, #768, now stood at the head, so the handover read #768 as
+        exact and the successor re-signed #769."""
+        own_h, own_t = self._own_seen
+        if own_h and not self._may_follow(info, own_h, own_t):
+            self._left_high = max(self._left_high, own_h + math.ceil(
+                max(0.0, stop - own_t) / BLOCK_INTERVAL))
+            self._own_seen = (0, 0.0)  # counted: from here on, the branch we are on
+        if info.head_block_producer == self.cfg.producer:
+            self._own_seen = (info.head_block_num, info.head_block_time)
+
+    @staticmethod
+    def _may_follow(info: ChainInfo, own_h: int, own_t: float) -> bool:
+        """Whether the head may be the block (own_h, own_t) or one of its descendants:
+        at most one block per slot after it, and at least one."""
+        slots = round((info.head_block_time - own_t) / BLOCK_INTERVAL)
+        if slots == 0:
+            return info.head_block_num == own_h
+        return 0 < info.head_block_num - own_h <= slots
 
     def _note_gap(self, o: Observation, info: ChainInfo) -> None:
         """Between two looks at nodeos more than a couple of ticks apart (our agent
@@ -1136,7 +1172,7 @@ class Agent:
         """etcd holds a last record of ours promising ``promise``: the fences may wait
         until then (and no longer than the lease allows)."""
         self._promise = promise
-        if self._armed:
+        if self._armed and self._on_election_lease():
             self._arm_fences()
 
     def _node_record(self, o: Observation) -> NodeRecord:
@@ -1172,12 +1208,12 @@ class Agent:
         if not (self._armed and self._resume_sent and own_h):
             return head
         if o.info is not None:
-            return max(head, own_h, self._gap_high)
+            return max(head, own_h, self._gap_high, self._left_high)
         # Unobserved since our newest block: count every slot until it stopped, or our
         # fences paused it, or now.
         stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
         unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
-        return max(unseen, self._gap_high,
+        return max(unseen, self._gap_high, self._left_high,
                    self._record.head_block_num if self._record else 0)
 
     def _fenced_by(self, o: Observation) -> float:
@@ -1189,9 +1225,12 @@ class Agent:
         as signed, and its successor waits for heights the chain never reaches in our
         round (seed 5212).
         """
+        return self._fence_stop(o.wall, o.now)
+
+    def _fence_stop(self, wall: float, now: float) -> float:
         if self._pause_at is None:
             return math.inf
-        return o.wall + self._pause_at - o.now + self.cfg.nodeos_timeout + BLOCK_INTERVAL \
+        return wall + self._pause_at - now + self.cfg.nodeos_timeout + BLOCK_INTERVAL \
             + CLOCK_MARGIN
 
     # ------------------------------------------------------------- continuity
@@ -1400,6 +1439,16 @@ class Agent:
         self._pause_at = pause_at
         self.fencer.arm(pause_at)
 
+    def _on_election_lease(self) -> bool:
+        """Whether our session's lease is the one our election key hangs on: only that
+        lease may push our fences out. A session that lost our lease grants itself
+        another, and a record written on it must not move the fence of the term that
+        ended (seed 5754: thawed after its guard had paused nodeos, a leader re-armed on
+        its new lease, counted every slot of its freeze as signed, and its successor
+        waited for heights the chain never reached)."""
+        lease = self.session.lease
+        return self._me is not None and lease is not None and lease.id == self._me.lease_id
+
     def _disarm(self) -> None:
         if self._armed:
             self._armed = False
@@ -1407,10 +1456,7 @@ class Agent:
             self.fencer.disarm()
 
     def _on_renew(self, deadline: float) -> None:
-        # Only the lease our election key hangs on may push the fence out.
-        lease = self.session.lease
-        if self._armed and self._me is not None and lease is not None \
-                and lease.id == self._me.lease_id:
+        if self._armed and self._on_election_lease():
             self._arm_fences()
 
     # ---------------------------------------------------------------- logging

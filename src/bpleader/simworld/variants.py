@@ -178,6 +178,32 @@ class UnsentHandoverAgent(Agent):
         return await self._final_head()
 
 
+class LeftBranchAgent(Agent):
+    """Does not notice its nodeos leaving the branch of its newest block seen (seed
+    5149: a reorg back to the same height read as an exact handover head)."""
+
+    def _note_left_branch(self, info: ChainInfo, stop: float) -> None:
+        return None
+
+
+class LeftBranchToNowAgent(Agent):
+    """Counts a left branch's possible blocks up to now, even after nodeos stopped
+    signing (seed 5379: a nodeos restarted lower after the guard's kill)."""
+
+    def _note_left_branch(self, info: ChainInfo, stop: float) -> None:
+        super()._note_left_branch(info, self.clock.wall())
+
+
+class AnyLeaseFenceAgent(Agent):
+    """Re-arms its fences on any lease of its session when a record of its is kept, as
+    before seed 5754."""
+
+    def _promised(self, promise: float) -> None:
+        self._promise = promise
+        if self._armed:
+            self._arm_fences()
+
+
 class UncountedGapAgent(Agent):
     """Trusts nodeos's head after a gap in its looks at it, as before seed 20101: thawed
     from a freeze, it records the network's head below its own branch's blocks."""
@@ -259,6 +285,9 @@ AGENTS: dict[str, AgentFactory] = {
     "trusted-bound": TrustedBoundAgent,
     "unblocked-at-once": UnblockedAtOnceAgent,
     "unsent-handover": UnsentHandoverAgent,
+    "left-branch": LeftBranchAgent,
+    "any-lease-fence": AnyLeaseFenceAgent,
+    "left-branch-to-now": LeftBranchToNowAgent,
 }
 
 
