@@ -32,13 +32,33 @@ def leader_of(w: World) -> str:
     return lead[0]
 
 
-def when(w: World, node: str, pattern: str, after: float = 0.0) -> float:
-    """Virtual time of the first trace line of ``node`` matching ``pattern`` after ``after``."""
+def _first(w: World, node: str, pattern: str, after: float) -> float | None:
     for line in w.trace.lines:
         t, who, text = float(line[:9]), line[10:17].strip(), line[18:]
         if t >= after and who == node and re.search(pattern, text):
             return t
-    raise AssertionError(f"no {pattern!r} for {node} after {after}:\n{w.trace.text()[-3000:]}")
+    return None
+
+
+def when(w: World, node: str, pattern: str, after: float = 0.0) -> float:
+    """Virtual time of the first trace line of ``node`` matching ``pattern`` after ``after``."""
+    t = _first(w, node, pattern, after)
+    if t is None:
+        raise AssertionError(f"no {pattern!r} for {node} after {after}:\n"
+                             f"{w.trace.text()[-3000:]}")
+    return t
+
+
+def run_until_logged(w: World, node: str, pattern: str, limit: float) -> float:
+    """Run the world until ``node`` logs ``pattern`` (virtual time, by ``limit``); the
+    virtual time the run stopped at, within a 0.05 s step of the line."""
+    start = t = w.loop.time()
+    while t < limit:
+        t += 0.05
+        w.run_until(t)
+        if _first(w, node, pattern, start) is not None:
+            return t
+    raise AssertionError(f"no {pattern!r} for {node} by {limit}:\n{w.trace.text()[-3000:]}")
 
 
 def test_startup_one_leader_resumes_after_the_takeover_delay() -> None:
@@ -269,25 +289,13 @@ def _unblocked_to_resumed(agent: str) -> float:
         lead = leader_of(w)
         other = next(n for n in w.nodes if n != lead)
         w.nodes[lead].nodeos.api_hung = True
-        blocked = when_reached(w, other, "event=blocked", 30.0)
+        blocked = run_until_logged(w, other, "event=blocked", 30.0)
         w.nodes[lead].nodeos.api_hung = False
         w.run_until(blocked + 10.0)
         unblocked = when(w, other, "event=unblocked", after=blocked)
         return when(w, other, "event=resumed", after=unblocked) - unblocked
     finally:
         w.close()
-
-
-def when_reached(w: World, node: str, pattern: str, limit: float) -> float:
-    """Run the world until ``node`` logs ``pattern``; the virtual time it did."""
-    t = w.loop.time()
-    while t < limit:
-        t += 0.05
-        w.run_until(t)
-        for line in list(w.trace.lines)[-30:]:
-            if line[10:17].strip() == node and re.search(pattern, line[18:]):
-                return t
-    raise AssertionError(f"no {pattern!r} for {node} by {limit}:\n{w.trace.text()[-3000:]}")
 
 
 def test_a_winner_unblocked_by_a_confirmed_pause_waits_for_its_block_in_flight() -> None:

@@ -1039,9 +1039,6 @@ class Agent:
             elif self._own_stopped_at is None and (paused is True or isinstance(
                     info_r, NodeosUnavailable)):
                 self._own_stopped_at = wall + BLOCK_INTERVAL + CLOCK_MARGIN
-        if info is not None and self._armed and self._resume_sent:
-            self._note_left_branch(info, min(wall, self._own_stopped_at or math.inf,
-                                             self._fence_stop(wall, now)))
         if info is not None and info.head_block_producer == self.cfg.producer:
             mark = (info.head_block_num, info.head_block_time)
             if self._armed and self._resume_sent:
@@ -1062,6 +1059,7 @@ class Agent:
                                    and r.node != self.cfg.node), default=0)
         o = Observation(now, wall, info, sync, paused, snap)
         if self._armed and self._resume_sent and info is not None:
+            self._note_left_branch(info, self._signing_stop(o))
             self._note_gap(o, info)
         return o
 
@@ -1104,7 +1102,7 @@ class Agent:
         height, block_time, at = prev
         if o.now - at <= 2 * max(self.cfg.check_interval, BLOCK_INTERVAL):
             return
-        stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
+        stop = self._signing_stop(o)
         self._gap_high = max(self._gap_high, height + math.floor(
             max(0.0, stop - block_time) / BLOCK_INTERVAL))
 
@@ -1211,7 +1209,7 @@ class Agent:
             return max(head, own_h, self._gap_high, self._left_high)
         # Unobserved since our newest block: count every slot until it stopped, or our
         # fences paused it, or now.
-        stop = min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
+        stop = self._signing_stop(o)
         unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
         return max(unseen, self._gap_high, self._left_high,
                    self._record.head_block_num if self._record else 0)
@@ -1225,13 +1223,15 @@ class Agent:
         as signed, and its successor waits for heights the chain never reaches in our
         round (seed 5212).
         """
-        return self._fence_stop(o.wall, o.now)
-
-    def _fence_stop(self, wall: float, now: float) -> float:
         if self._pause_at is None:
             return math.inf
-        return wall + self._pause_at - now + self.cfg.nodeos_timeout + BLOCK_INTERVAL \
+        return o.wall + self._pause_at - o.now + self.cfg.nodeos_timeout + BLOCK_INTERVAL \
             + CLOCK_MARGIN
+
+    def _signing_stop(self, o: Observation) -> float:
+        """The wall time after which our nodeos signs nothing more, as far as we know:
+        now, or when we saw it stop, or when our fences paused it."""
+        return min(o.wall, self._own_stopped_at or math.inf, self._fenced_by(o))
 
     # ------------------------------------------------------------- continuity
 
