@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from bpleader.agent import BLOCK_INTERVAL, CLOCK_MARGIN, PROPAGATION, Role
+from bpleader.agent import BLOCK_INTERVAL, CLOCK_MARGIN, PROPAGATION, Agent, Role
 from bpleader.simworld import Scenario, World
 from bpleader.simworld.scenario import FAST_TIMING
 from bpleader.simworld.scenario import Rounds as Schedule
@@ -305,3 +305,52 @@ def test_a_winner_unblocked_by_a_confirmed_pause_waits_for_its_block_in_flight()
     resumes at once (unblocked-at-once) does not."""
     assert _unblocked_to_resumed("real") >= BLOCK_INTERVAL + CLOCK_MARGIN
     assert _unblocked_to_resumed("unblocked-at-once") < BLOCK_INTERVAL
+
+
+class _CountFromNewestBlockOnly(Agent):
+    """The agent before the look count: one block per slot since its newest block."""
+
+    def _look_count(self, stop: float) -> int:
+        return 0
+
+
+def _desync_handover(factory: type[Agent]) -> int:
+    """The leader's nodeos falls out of sync (no blocks in, none out) as a round of ours
+    begins, on a chain where others hold 4 slots between our rounds of 12. That round
+    stalls (the standby's head ages as fast as the leader's) until the others' blocks
+    bring the standby back in sync. The slots of ours missed in the next round."""
+    w = World(Scenario(seed=1, duration=600.0, nodes=2, timing=T, faults=None,
+                       keep_trace=None, schedule=Schedule(ours=12, others=4)), factory)
+    try:
+        w.run_until(8.0)
+        sched, ledger = w.model.schedule, w.model.ledger
+
+        def round_start(after: float) -> float:
+            slot = int(after / BLOCK_INTERVAL) + 1
+            while not (sched.producer_at(slot) == "mybp"
+                       and sched.producer_at(slot - 1) != "mybp"):
+                slot += 1
+            return slot * BLOCK_INTERVAL
+
+        first = round_start(w.loop.time())
+        w.run_until(first - 0.05)  # the others' last block is the head
+        old = leader_of(w)
+        w.model.set_stalled(old, True, w.loop.time())
+        after = round_start(first)
+        w.run_until(after - 0.01)
+        missed = ledger.missed_slots
+        w.run_until(after + 12 * BLOCK_INTERVAL - 0.01)
+        assert when(w, old, r"event=resigned", first) < after
+        assert not w.violations
+        return ledger.missed_slots - missed
+    finally:
+        w.close()
+
+
+def test_a_leader_out_of_sync_hands_over_the_head_it_is_stuck_at() -> None:
+    """Its looks at nodeos bound what it may have signed since its newest block: nothing
+    after its head stopped. The agent that counts one block per slot from its newest block
+    (from the round before, 4 slots earlier) hands over a head 6 blocks above the chain,
+    which the others' 4 slots do not reach: its successor misses our next round."""
+    assert _desync_handover(Agent) == 0
+    assert _desync_handover(_CountFromNewestBlockOnly) == 12

@@ -80,8 +80,8 @@ CAUGHT_BY = {"no-key-switch": {"liveness"}}
 ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record",
                      "head-is-exact", "slow-kill", "maintenance-unbounded",
                      "uncounted-resume", "uncounted-gap", "unfinalized-branch",
-                     "trusted-bound", "unblocked-at-once", "unsent-handover",
-                     "left-branch", "any-lease-fence", "left-branch-to-now"}
+                     "trusted-bound", "unblocked-at-once", "unsent-handover", "skipped-slots",
+                     "lib-three-behind", "left-branch", "any-lease-fence", "left-branch-to-now"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
@@ -161,9 +161,10 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   that node confirmed its pause, and signed the slot whose block it was finishing.
 #   No seed of its fault mix reaches that path since the fixes of 5149 and 5754 (750
 #   searched); tests/test_agent_core.py makes it on purpose instead.
-# * unsent-handover (28069): a resign lost on the wire carried head #303; still holding
-#   its key, the leader was re-elected and resigned again with its nodeos's head, #302
-#   after a reorg. A handover never leaves less than a failed one tried to.
+# * unsent-handover (28069, searched again as 28834 after the fixes of 28888 and 31019
+#   moved its path): a resign lost on the wire carried head #303; still holding its key,
+#   the leader was re-elected and resigned again with its nodeos's head, #302 after a
+#   reorg. A handover never leaves less than a failed one tried to.
 # * left-branch (5149, 15 minutes): a leader's nodeos, cut from p2p, signed #768 and #769
 #   (unseen); back on the network's branch at #766 it signed #767 and #768 there, and the
 #   newest block seen (#768) stood at the head again: an exact handover of #768. A head
@@ -176,6 +177,16 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   count ran to the look that showed the change; a nodeos restarted after the guard's
 #   kill comes back lower, long after it stopped signing, and the count ran on through
 #   the restart. It stops where nodeos stopped, or where our fences paused it.
+# * skipped-slots (28888, found by the search for unsent-handover's new seed): a leader
+#   cut from p2p signed #213 and #214 on its own before its guard paused it; the winner's
+#   head was another producer's #213 on the leader's #212, seen 1.9 s before the leader
+#   had to stop, within the slack for the winner's looks, so it trusted its chain and
+#   re-signed #214. Its chain is trusted only without an empty slot after that block.
+# * lib-three-behind (31019, found by the same search): a leader's two private blocks
+#   (#273-#274, LIB #271) reached its successor just before the network's #273 of a later
+#   slot with the same QC claim, which Spring prefers; the successor resumed on #274,
+#   moved to the network's #273 and re-signed #274. A head whose LIB is more than two
+#   blocks behind claims an old QC: no resume on it.
 REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (23071, 300.0, "unfenced-record", "liveness"),
                (28493, 300.0, "head-is-exact", "double-production"),
@@ -184,7 +195,9 @@ REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (20101, 300.0, "uncounted-gap", "double-production"),
                (21296, 300.0, "unfinalized-branch", "double-production"),
                (24298, 300.0, "trusted-bound", "double-production"),
-               (28069, 300.0, "unsent-handover", "double-production"),
+               (28834, 300.0, "unsent-handover", "double-production"),
+               (28888, 300.0, "skipped-slots", "double-production"),
+               (31019, 300.0, "lib-three-behind", "double-production"),
                (5149, 900.0, "left-branch", "double-production"),
                (5754, 900.0, "any-lease-fence", "liveness"),
                (5379, 900.0, "left-branch-to-now", "liveness")]

@@ -63,10 +63,17 @@ TAKEOVER_POLL = 0.05
 # Savanna: a leader whose last record shows its LIB this far behind its head was losing
 # the network's votes (cut from p2p?) and may have gone on signing blocks nobody saw.
 LIB_LAG_NORMAL = 1.5
-# Savanna: blocks between a head and its LIB while the network votes for the head's branch
-# (a QC on the next block makes a block final: two behind, one more for delays). Counted
-# in blocks, not seconds: slots nobody signs (ours, during a failover) stretch the time.
-LIB_BLOCKS_NORMAL = 3
+# Savanna: blocks between a head and its LIB while the network votes for the head's branch.
+# Spring's assemble_block claims the newest QC of the branch when it signs, so with the
+# votes on its parent in (they come within the slot) a head claims its parent and its LIB
+# is two behind. A head three behind claims an older QC: a late round of votes, or a
+# branch the finalizers never voted for. Such a branch loses to any later block of the
+# network with the same claim, whatever its height (Spring's best branch: newest QC, then
+# newest timestamp). Seed 31019: a leader's two private blocks #273-#274 (LIB #271)
+# reached its successor just before the network's #273 of a later slot; the successor
+# resumed on #274, moved to the network's #273 and signed #274 again. Counted in blocks,
+# not seconds: slots nobody signs (ours, during a failover) stretch the time.
+LIB_BLOCKS_NORMAL = 2
 # A producing node's record promises a fence time this many lease TTLs ahead; its fences
 # never pause later than the promise of its last record in etcd (see _fence_time).
 PROMISE_TTLS = 2.0
@@ -280,6 +287,10 @@ class Agent:
         # branch our nodeos left since (a reorg) may have reached with blocks we never saw.
         self._own_seen: tuple[int, float] = (0, 0.0)
         self._left_high = 0
+        # While we may sign: the head of our last look at nodeos (height, wall time), and
+        # the highest height it may have signed between two looks (see _note_look).
+        self._last_look: tuple[int, float] | None = None
+        self._look_high = 0
         self._unsent_handover = 0  # a handover head a failed resign could not write
         self._resume_sent = False  # a resume went out since we were last confirmed paused
         self._adopted = False  # looked for a previous incarnation's last record
@@ -890,11 +901,15 @@ class Agent:
         self._own_high, self._own_stopped_at, self._resume_sent = (0, 0.0), None, False
         own_bound, self._gap_high, self._looked = self._gap_high, 0, None
         left, self._left_high, self._own_seen = self._left_high, 0, (0, 0.0)
+        by_looks = max(self._look_high, self._look_count(stop)) if self._last_look else 0
+        self._last_look, self._look_high = None, 0
         if own_h and end - own_t <= 2 * self.cfg.lease_ttl + 2.0:
             # A sample older than a lease TTL says nothing of the last blocks: nodeos did
-            # not answer us for that long, and our unfenced mark covered the gap.
-            own_bound = max(own_bound,
-                            own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL))
+            # not answer us for that long, and our unfenced mark covered the gap. Both
+            # counts bound what we signed; the looks since our resume are the tighter
+            # one when our head stopped moving.
+            counted = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
+            own_bound = max(own_bound, min(counted, by_looks) if by_looks else counted)
         try:
             info = await self.nodeos.get_info(budget=self.cfg.nodeos_timeout)
         except NodeosError as exc:
@@ -1061,7 +1076,29 @@ class Agent:
         if self._armed and self._resume_sent and info is not None:
             self._note_left_branch(info, self._signing_stop(o))
             self._note_gap(o, info)
+            self._note_look(o, info)
         return o
+
+    def _note_look(self, o: Observation, info: ChainInfo) -> None:
+        """What nodeos may have signed since our last look, unseen: the block it had in
+        flight then, and one more for each slot begun since, above the head it showed
+        then (a block signed there and reorganised away before this look is one of them).
+        Unlike the count from our newest block, this does not count the slots of a head
+        that stopped moving: a leader whose nodeos fell out of sync hands over the head it
+        is stuck at (and the block that may have been in flight), not a block for every
+        slot since its newest one, which its successor's chain reaches only after our
+        round."""
+        if self._last_look is not None:
+            self._look_high = max(self._look_high, self._look_count(self._signing_stop(o)))
+            self._last_look = (info.head_block_num, o.wall)
+
+    def _look_count(self, stop: float) -> int:
+        """The highest height nodeos may have signed from our last look until ``stop``."""
+        if self._last_look is None:
+            return 0
+        head, at = self._last_look
+        begun = math.floor(stop / BLOCK_INTERVAL) - math.floor(at / BLOCK_INTERVAL)
+        return head + 1 + max(0, begun)
 
     def _note_left_branch(self, info: ChainInfo, stop: float) -> None:
         """A head that cannot be the block of ours we saw last, or a block after it, means
@@ -1192,6 +1229,9 @@ class Agent:
         if head:
             boundary = math.floor(self.clock.wall() / BLOCK_INTERVAL) * BLOCK_INTERVAL
             self._own_high = max(self._own_high, (head, boundary))
+        if not self._resume_sent:
+            # The looks count from here, or not at all this term (no head to count from).
+            self._last_look = (head, self.clock.wall()) if head else None
 
     def _record_head(self, o: Observation) -> int:
         """The head our record shows: nodeos's, and while we may sign (the record is
@@ -1281,6 +1321,17 @@ class Agent:
                    o.info.head_block_num if o.info is not None else 0)
 
     @staticmethod
+    def _unbroken(o: Observation, seen_h: int, seen_t: float) -> bool:
+        """Whether our chain has a block in every slot from its newest block we saw to our
+        head. A slot left empty may hold a block it signed that never reached us: seed
+        28888, a leader cut from p2p signed #213 and #214 on its own; our head was
+        another producer's #213 built on its #212, the newest block of its we had seen,
+        1.9 s before it had to stop (within the slack for our looks), and we re-signed #214.
+        """
+        return o.info is not None and o.info.head_block_num - seen_h == round(
+            (o.info.head_block_time - seen_t) / BLOCK_INTERVAL)
+
+    @staticmethod
     def _current(o: Observation, last: float) -> bool:
         """Whether our chain has every block stamped up to a slot before ``last``: a
         node cut from p2p a moment ago still looks in sync, and has not."""
@@ -1313,7 +1364,8 @@ class Agent:
         slack = self.cfg.nodeos_timeout + BLOCK_INTERVAL + self.cfg.check_interval + 0.3
         losing_votes = self.sync.savanna and rec.lib_lag is not None \
             and rec.lib_lag > LIB_LAG_NORMAL
-        if not losing_votes and seen_h and last - seen_t <= slack and self._current(o, last):
+        if not losing_votes and seen_h and last - seen_t <= slack and self._current(o, last) \
+                and self._unbroken(o, seen_h, seen_t):
             # Its blocks reached us until it must have stopped, and our chain is current
             # to then: our head has them all (or will by our resume, a slot later).
             return self._trusted_bound(o, rec)

@@ -309,10 +309,11 @@ class ChainModel:
             return block.timestamp_ms > head.timestamp_ms
         return block.height > head.height
 
-    def _learn(self, node: ChainNode, block: Block, at: float) -> None:
-        """``node`` receives ``block`` (or signed it): fork choice, implicit-pause
-        tracking, and its vote."""
-        if node.stalled:
+    def _learn(self, node: ChainNode, block: Block, at: float, own: bool = False) -> None:
+        """``node`` receives ``block`` (or signed it: ``own``, applied even while it is
+        stuck syncing, as nodeos builds its block on its own state): fork choice,
+        implicit-pause tracking, and its vote."""
+        if node.stalled and not own:
             return
         head = node.head
         if head is block or (head.height >= block.height and head.extends(block)):
@@ -466,7 +467,7 @@ class ChainModel:
             if node.signer is not None:
                 ours.append(block)
                 node.watermark = max(node.watermark, block.height)
-            self._learn(node, block, now)
+            self._learn(node, block, now, own=True)
             self._send(node, now, _BLOCK, block)
         producer = self.schedule.producer_at(slot)
         self.ledger.record_slot(slot, self.slot_start_ms(slot), producer,

@@ -235,6 +235,23 @@ class TrustedBoundAgent(Agent):
         return True
 
 
+class LibThreeBehindAgent(Agent):
+    """Resumes on a Savanna head whose LIB is three blocks behind, as before seed 31019."""
+
+    def _finality_flows(self, info: ChainInfo) -> bool:
+        return not self.sync.savanna or info.last_irreversible_block_num <= 0 or \
+            info.head_block_num - info.last_irreversible_block_num <= 3
+
+
+class SkippedSlotsAgent(Agent):
+    """Trusts its chain for a vanished leader's blocks though slots after the leader's
+    newest block seen are empty on it, as before seed 28888."""
+
+    @staticmethod
+    def _unbroken(o: Observation, seen_h: int, seen_t: float) -> bool:
+        return True
+
+
 class UnblockedAtOnceAgent(Agent):
     """Resumes as soon as an unfenced node confirms its pause, as before seed 24377."""
 
@@ -288,6 +305,8 @@ AGENTS: dict[str, AgentFactory] = {
     "left-branch": LeftBranchAgent,
     "any-lease-fence": AnyLeaseFenceAgent,
     "left-branch-to-now": LeftBranchToNowAgent,
+    "skipped-slots": SkippedSlotsAgent,
+    "lib-three-behind": LibThreeBehindAgent,
 }
 
 
@@ -321,5 +340,9 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "trusted-bound": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "unblocked-at-once": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
     "unsent-handover": {"faults": _more(p2p_isolation=3, nodeos_slow_p2p=3)},
+    "skipped-slots": {"faults": _more(p2p_isolation=3, nodeos_slow_p2p=3)},
+    "left-branch": {"faults": _more(nodeos_desync=4, nodeos_slow_api=4, p2p_isolation=2)},
+    "lib-three-behind": {"faults": _more(nodeos_desync=4, nodeos_slow_api=4,
+                                         p2p_isolation=2)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
 }
