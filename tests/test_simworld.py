@@ -81,7 +81,8 @@ ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record",
                      "head-is-exact", "slow-kill", "maintenance-unbounded",
                      "uncounted-resume", "uncounted-gap", "unfinalized-branch",
                      "trusted-bound", "unblocked-at-once", "unsent-handover", "skipped-slots",
-                     "lib-three-behind", "left-branch", "any-lease-fence", "left-branch-to-now"}
+                     "lib-three-behind", "lowered-handover", "left-branch", "any-lease-fence",
+                     "left-branch-to-now"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
@@ -156,7 +157,8 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   winner's head, any node's bound is only a floor for the next, and a winner trusts its
 #   own view only when its chain is current to the vanished leader's stop (and, seed
 #   24298, never below that leader's newest block it saw, which a reorg may have taken
-#   off its head).
+#   off its head). Searched again as 25220 after the fix of 28888 closed the old seed's
+#   path too.
 # * unblocked-at-once (24377): a winner blocked by an unfenced node resumed the moment
 #   that node confirmed its pause, and signed the slot whose block it was finishing.
 #   No seed of its fault mix reaches that path since the fixes of 5149 and 5754 (750
@@ -168,7 +170,9 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 # * left-branch (5149, 15 minutes): a leader's nodeos, cut from p2p, signed #768 and #769
 #   (unseen); back on the network's branch at #766 it signed #767 and #768 there, and the
 #   newest block seen (#768) stood at the head again: an exact handover of #768. A head
-#   that cannot follow our newest block seen counts the slots since it as signed.
+#   that cannot follow our newest block seen counts the slots since it as signed. No seed
+#   reaches that path since the fixes of 28888 and 31019 moved the traces (2,500 searched
+#   in a mix of more p2p cuts, stalls and slow APIs); not checked on a seed any more.
 # * any-lease-fence (5754, 15 minutes, liveness): thawed after its guard had paused
 #   nodeos, a leader whose lease had gone re-armed its fences on its session's new
 #   lease, so its records counted the whole freeze as signed. Only the election key's
@@ -176,7 +180,9 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 # * left-branch-to-now (5379, 15 minutes, liveness): the first form of the left-branch
 #   count ran to the look that showed the change; a nodeos restarted after the guard's
 #   kill comes back lower, long after it stopped signing, and the count ran on through
-#   the restart. It stops where nodeos stopped, or where our fences paused it.
+#   the restart. It stops where nodeos stopped, or where our fences paused it. Like
+#   left-branch, no seed reaches it since (1,100 of the default mix searched, 5 minutes
+#   each); not checked on a seed any more.
 # * skipped-slots (28888, found by the search for unsent-handover's new seed): a leader
 #   cut from p2p signed #213 and #214 on its own before its guard paused it; the winner's
 #   head was another producer's #213 on the leader's #212, seen 1.9 s before the leader
@@ -187,6 +193,12 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   slot with the same QC claim, which Spring prefers; the successor resumed on #274,
 #   moved to the network's #273 and re-signed #274. A head whose LIB is more than two
 #   blocks behind claims an old QC: no resume on it.
+# * lowered-handover (7271, 15 minutes, found by the long run on the code with the three
+#   fixes above): a leader resigned leaving #1356, was elected again, and its resume's
+#   fencing check deleted that handover, as it must (a resumed node is bounded by its
+#   last record); its nodeos had moved to the network's lower branch, so its next resign
+#   left #1353 and the successor re-signed #1355 and #1356. What the resume drops is
+#   owed to the node's records and its next handover.
 REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (23071, 300.0, "unfenced-record", "liveness"),
                (28493, 300.0, "head-is-exact", "double-production"),
@@ -194,13 +206,13 @@ REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (21091, 300.0, "maintenance-unbounded", "double-production"),
                (20101, 300.0, "uncounted-gap", "double-production"),
                (21296, 300.0, "unfinalized-branch", "double-production"),
-               (24298, 300.0, "trusted-bound", "double-production"),
+               (25220, 300.0, "trusted-bound", "double-production"),
                (28834, 300.0, "unsent-handover", "double-production"),
                (28888, 300.0, "skipped-slots", "double-production"),
                (31019, 300.0, "lib-three-behind", "double-production"),
-               (5149, 900.0, "left-branch", "double-production"),
                (5754, 900.0, "any-lease-fence", "liveness"),
-               (5379, 900.0, "left-branch-to-now", "liveness")]
+               (7271, 900.0, "lowered-handover", "double-production")]
+
 
 
 def test_the_seeds_the_long_runs_found_stay_fixed() -> None:

@@ -25,7 +25,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
@@ -291,7 +291,10 @@ class Agent:
         # the highest height it may have signed between two looks (see _note_look).
         self._last_look: tuple[int, float] | None = None
         self._look_high = 0
-        self._unsent_handover = 0  # a handover head a failed resign could not write
+        # A handover head etcd does not hold: one a failed resign could not write, or one
+        # of ours our resume dropped (its fencing check deletes it, see _etcd_confirms).
+        # The next handover, and our records while we may sign, never go below it.
+        self._owed_handover = 0
         self._resume_sent = False  # a resume went out since we were last confirmed paused
         self._adopted = False  # looked for a previous incarnation's last record
         # When nodeos was last known to have stopped signing (a confirmed pause, or
@@ -739,7 +742,7 @@ class Agent:
             return
         finally:
             self._wrote()
-        self._produced, self._unsent_handover = False, 0
+        self._produced, self._owed_handover = False, 0
         self._log("handover", f"left head #{head} for the next leader")
 
     async def _clear_own_unfenced(self, o: Observation) -> None:
@@ -789,6 +792,7 @@ class Agent:
         if me is None or not self._lease_covers_resume(me):
             return False
         self._arm()
+        self._owe_dropped_handover()
         if not await self._etcd_confirms(me) or not self._lease_covers_resume(me):
             return False
         self._count_from_resume()
@@ -806,6 +810,15 @@ class Agent:
             await self._fence("stalled while resuming")
             return False
         return True
+
+    def _owe_dropped_handover(self) -> None:
+        """The fencing check deletes our handover (a node that resumes is bounded by its
+        last record, not by a head it left when it last stopped): what it said is owed to
+        our records and our next handover, which the record in that check carries."""
+        left = self._snap.handovers.get(self.cfg.node, 0) if self._snap is not None else 0
+        self._owed_handover = max(self._owed_handover, left)
+        if self._record is not None and self._record.head_block_num < self._owed_handover:
+            self._record = replace(self._record, head_block_num=self._owed_handover)
 
     def _lease_covers_resume(self, me: Candidate, after: bool = False) -> bool:
         """Enough lease left for the resume call (before it) or for the fence (after)."""
@@ -870,20 +883,24 @@ class Agent:
         self._wrote()
         try:
             await self.store.resign(me, last_head, self._stopped_wall)
-            self._produced, self._unsent_handover = False, 0
+            self._produced, self._owed_handover = False, 0
         except StoreError as exc:
             # The key goes with the lease in the worst case; the head is left later.
             self._etcd_error(exc)
-            self._unsent_handover = max(self._unsent_handover, last_head)
+            self._owed_handover = max(self._owed_handover, last_head)
         self._log("resigned", reason)
 
     async def _handover_head(self) -> int:
         """The head a handover leaves: our final head, and never below one a failed write
-        could not leave. Our newest-block marks are spent by the first count, and a reorg
-        may since have put our nodeos on a lower branch: seed 28069, a resign lost on the
-        wire with head #303; re-elected on the same key, the leader resigned again with
-        its nodeos's head #302, and its successor re-signed #303."""
-        return max(await self._final_head(), self._unsent_handover)
+        could not leave, or one our resume dropped from etcd. Our newest-block
+        marks are spent by the first count, and a reorg may since have put our nodeos on a
+        lower branch: seed 28069, a resign lost on the wire with head #303; re-elected on
+        the same key, the leader resigned again with its nodeos's head #302, and its
+        successor re-signed #303. Seed 7271, the same with the first resign written: the
+        leader left #1356, was elected again, and its resume's fencing check dropped that
+        handover; its nodeos had moved to the network's lower branch, the second resign
+        left #1353, and the successor re-signed #1355 and #1356."""
+        return max(await self._final_head(), self._owed_handover)
 
     async def _final_head(self) -> int:
         """The head to hand over once paused: every height we may have signed.
@@ -1246,12 +1263,12 @@ class Agent:
         if not (self._armed and self._resume_sent and own_h):
             return head
         if o.info is not None:
-            return max(head, own_h, self._gap_high, self._left_high)
+            return max(head, own_h, self._gap_high, self._left_high, self._owed_handover)
         # Unobserved since our newest block: count every slot until it stopped, or our
         # fences paused it, or now.
         stop = self._signing_stop(o)
         unseen = own_h + math.floor(max(0.0, stop - own_t) / BLOCK_INTERVAL)
-        return max(unseen, self._gap_high, self._left_high,
+        return max(unseen, self._gap_high, self._left_high, self._owed_handover,
                    self._record.head_block_num if self._record else 0)
 
     def _fenced_by(self, o: Observation) -> float:

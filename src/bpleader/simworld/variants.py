@@ -243,6 +243,13 @@ class LibThreeBehindAgent(Agent):
             info.head_block_num - info.last_irreversible_block_num <= 3
 
 
+class LoweredHandoverAgent(Agent):
+    """Forgets the handover its resume dropped from etcd, as before seed 7271."""
+
+    def _owe_dropped_handover(self) -> None:
+        return None
+
+
 class SkippedSlotsAgent(Agent):
     """Trusts its chain for a vanished leader's blocks though slots after the leader's
     newest block seen are empty on it, as before seed 28888."""
@@ -307,6 +314,7 @@ AGENTS: dict[str, AgentFactory] = {
     "left-branch-to-now": LeftBranchToNowAgent,
     "skipped-slots": SkippedSlotsAgent,
     "lib-three-behind": LibThreeBehindAgent,
+    "lowered-handover": LoweredHandoverAgent,
 }
 
 
