@@ -185,6 +185,7 @@ def test_desync_freezes_the_head_until_cleared(tcp_sim: SimCluster) -> None:
     call(b.url, "/v1/producer/resume")  # the standby takes over while bp-a is stuck
     a.set_fault("desync")
     call(a.url, "/v1/producer/pause")
+    tcp_sim.wait_slots(1)  # a block bp-a had begun is out, and on its own head
     stuck = info(a.url)["head_block_num"]
     tcp_sim.wait_slots(5)
     assert info(a.url)["head_block_num"] == stuck
