@@ -402,8 +402,11 @@ class Bpleader(Design):
     def switchover(self, old: str, new: str, now: bool = False) -> list[float]:
         """``bpleader switchover --to new``: timed to the gap after our round unless
         ``now``. It takes effect when the command writes the request to etcd (it says
-        so): that, not the start of a Python process, is the handover's start."""
-        proc = subprocess.Popen([PYTHON, "-m", "bpleader.cli", "switchover", "--config",
+        so): that, not the start of a Python process, is the handover's start. It runs on
+        the new leader's host, as an operator would run it: the config's etcd endpoints
+        are that host's view (through its delaying proxies when etcd is far)."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.net.hosts[new].ns,
+                                 PYTHON, "-m", "bpleader.cli", "switchover", "--config",
                                  str(self.configs[new]), "--to", new,
                                  *(["--now"] if now else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -500,11 +500,16 @@ class EtcdStore:
             endpoints.append(
                 pyetcd.Endpoint(
                     host, port, secure=secure, creds=creds if secure else None,
-                    time_retry=self._retry_member_after,
+                    time_retry=self._retry_member_after, opts=_CHANNEL_OPTIONS,
                 )
             )
         client = pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=s.timeout,
                                                  failover=True)
+        for endpoint in endpoints:
+            # Connect to every member now, in parallel and without a call's deadline: on
+            # a far etcd a first call that must also open its connection takes two round
+            # trips and can outlast the timeout, while a warm channel answers in one.
+            endpoint.channel.subscribe(_ignore_state, try_to_connect=True)
         if s.username is not None and s.password is not None:
             _log_in(client, s.username, s.password, s.timeout)
         return client
@@ -544,6 +549,8 @@ class EtcdStore:
                 denied.failed(time.monotonic(), reason)
             elif _needs_reconnect(reason):
                 self._drop_client()
+            elif "no endpoint available" in explained.reason.lower():
+                self._retry_members()
             raise StoreError(op, reason) from None
         self._backoff.succeeded()
         denied.succeeded()
@@ -568,6 +575,19 @@ class EtcdStore:
                 if attempt + 1 >= tries or status is None or status[0] not in _MEMBER_DOWN:
                     raise
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _retry_members(self) -> None:
+        """Every member failed lately: make them all eligible for the next call again.
+
+        The channels are kept. A new client would throw away connections that may be
+        established by now (on a far etcd, opening one is slower than the call timeout,
+        so a fresh client each time never gets a call through), and the channels' short
+        reconnect backoff (``_CHANNEL_OPTIONS``) already retries a member that went down.
+        """
+        client = self._client
+        if client is not None:
+            for endpoint in client.endpoints.values():
+                endpoint.last_failed = 0
 
     def _drop_client(self) -> None:
         self._close_renewals()
@@ -828,8 +848,20 @@ def _log_in(client: Any, user: str, password: str, timeout: float) -> None:
 _MEMBER_DOWN = ("unavailable", "deadline_exceeded")
 
 
+#: gRPC's reconnect backoff grows to 120 s by default: a member back after a long outage
+#: would wait that long to be used again. Capped at a second, a channel comes back within
+#: a lease TTL of the member.
+#: (Not ``grpc.min_reconnect_backoff_ms``: gRPC takes that as the shortest time a
+#: connection attempt may take, and an attempt to a far member would be cut short.)
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def _ignore_state(_state: object) -> None:
+    """A channel subscriber that only exists to make the channel connect."""
+
+
 def _needs_reconnect(reason: str) -> bool:
-    # An auth token dies with an etcd restart; failover state also wedges after every
-    # member failed. A fresh client re-authenticates and retries all members.
+    # An auth token dies with an etcd restart: a fresh client logs in again.
     lowered = reason.lower()
-    return any(s in lowered for s in ("auth token", "unauthenticated", "no endpoint available"))
+    return any(s in lowered for s in ("auth token", "unauthenticated"))
