@@ -68,6 +68,8 @@ def test_startup_one_leader_resumes_after_the_takeover_delay() -> None:
         lead = leader_of(w)
         won = when(w, lead, r"-> taking_over")
         resumed = when(w, lead, r"event=resumed")
+        # What the takeover waits for is in the log, as it starts waiting for it.
+        assert won <= when(w, lead, r"event=waiting reason='takeover delay'") < resumed
         agent = w.nodes[lead].agent
         assert agent is not None and not agent._handed_over  # nobody led before it
         wait = agent._takeover_wait()

@@ -304,6 +304,7 @@ class Agent:
         self._unconfirmed_since: float | None = None
         self._pause_error: NodeosError | None = None  # why the last pause went unconfirmed
         self._blocked_by = ""  # the unfenced node we last reported waiting for
+        self._takeover_wait_why = ""  # what a takeover last said it was waiting for
         self._etcd_repeats = _Repeats()
         self._nodeos_repeats = _Repeats()
         # Savanna: the finalizer key follows the leader (None: no [finalizer] section).
@@ -1539,6 +1540,11 @@ class Agent:
             if Role.LEADER in (old, role):
                 self.stats.leader_changes += 1
             self._log("transition", f"{old.value} -> {role.value}: {reason}", previous=old)
+        elif role == Role.TAKING_OVER and reason != self._takeover_wait_why:
+            # A takeover waits on several checks in turn; an operator asking why a node
+            # elected a while ago does not produce yet reads it here, once per change.
+            self._log("waiting", reason)
+        self._takeover_wait_why = reason if role == Role.TAKING_OVER else ""
 
     def _context(self) -> str:
         lease = self.session.lease
