@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 from bpleader.antelope import new_private_key, public_key_of
 from bpleader.fence import kill_guards
-from bpleader.localetcd import ELECTION_TIMEOUT
+from bpleader.localetcd import ELECTION_TIMEOUT, free_ports
 from bpleader.store import EtcdSettings, EtcdStore, Keys, Snapshot, StoreError
 
 T = TypeVar("T")
@@ -65,6 +66,30 @@ def wait_for(pred: Callable[[], T], timeout: float, interval: float = 0.05,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
         time.sleep(interval)
+
+
+def start_delay_proxy(target: str, delay: float) -> tuple[int, subprocess.Popen[bytes]]:
+    """The chaos benchmark's delaying proxy (``benchmarks.chaos.delay``) in front of
+    ``target`` (host:port), adding ``delay`` seconds each way; its loopback port, once it
+    listens (the check opens and closes one connection through it)."""
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.chaos.delay", "--listen",
+                             f"127.0.0.1:{port}", "--to", target, "--delay", str(delay)],
+                            cwd=Path(__file__).resolve().parents[1])
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, 10, what="the delaying proxy to listen")
+    except AssertionError:
+        proc.kill()
+        raise
+    return port, proc
 
 
 def record_result(scenario: str, **figures: Any) -> None:

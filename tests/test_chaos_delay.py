@@ -4,18 +4,25 @@ its delay each way, keeps the bytes in order and passes a close on."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import start_delay_proxy
+
 DELAY = 0.06
 
 
 def _echo(server: socket.socket) -> None:
-    conn, _ = server.accept()
+    """Echo every connection (the proxy's start-up check opens one of its own)."""
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return  # closed at the end of the test
+        threading.Thread(target=_echo_one, args=(conn,), daemon=True).start()
+
+
+def _echo_one(conn: socket.socket) -> None:
     with conn:
         while data := conn.recv(4096):
             conn.sendall(data)
@@ -24,22 +31,9 @@ def _echo(server: socket.socket) -> None:
 def test_the_proxy_delays_each_way_in_order_and_passes_the_close_on() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_echo, args=(server,), daemon=True).start()
-    probe = socket.create_server(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.chaos.delay", "--listen", f"127.0.0.1:{port}",
-         "--to", f"127.0.0.1:{server.getsockname()[1]}", "--delay", str(DELAY)], cwd=ROOT)
+    port, proxy = start_delay_proxy(f"127.0.0.1:{server.getsockname()[1]}", DELAY)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline, "the proxy never listened"
-                time.sleep(0.05)
-        with conn:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             started = time.monotonic()
             for i in range(20):  # one burst: order must hold across many small writes
                 conn.sendall(b"%02d" % i)

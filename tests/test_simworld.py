@@ -216,7 +216,6 @@ REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (7271, 900.0, "lowered-handover", "double-production")]
 
 
-
 def test_the_seeds_the_long_runs_found_stay_fixed() -> None:
     jobs = [Job(seed, seconds, agent, 400, faults_of=weakened)
             for seed, seconds, weakened, _ in REGRESSIONS for agent in (weakened, "real")]

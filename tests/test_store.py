@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
@@ -11,6 +10,7 @@ from bpleader.clock import SystemClock
 from bpleader.election import Session
 from bpleader.localetcd import EtcdCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, NodeRecord, StoreError, parse_snapshot
+from harness import start_delay_proxy
 
 KEYS = Keys("/bpleader", "mybp")
 
@@ -253,34 +253,6 @@ def test_renewals_move_to_another_member_when_theirs_dies(etcd3: EtcdCluster) ->
     asyncio.run(scenario())
 
 
-def _delaying_proxies(targets: list[str], delay: float) -> tuple[list[str], list[Any]]:
-    """One ``benchmarks.chaos.delay`` proxy per target: ``delay`` seconds each way."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from bpleader.localetcd import free_ports
-
-    root = Path(__file__).resolve().parents[1]
-    ports = free_ports(len(targets))
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.chaos.delay", "--listen",
-                               f"127.0.0.1:{port}", "--to", target.removeprefix("http://"),
-                               "--delay", str(delay)], cwd=root)
-             for port, target in zip(ports, targets, strict=True)]
-    deadline = time.monotonic() + 10
-    for port in ports:
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "delaying proxy did not start"
-                time.sleep(0.05)
-    return [f"http://127.0.0.1:{p}" for p in ports], procs
-
-
 def test_a_far_etcd_is_used_though_connecting_outlasts_the_call_timeout(
         etcd1: EtcdCluster) -> None:
     """etcd 150 ms away, a 0.3 s call timeout (the fast profile's): a call on a channel
@@ -290,7 +262,9 @@ def test_a_far_etcd_is_used_though_connecting_outlasts_the_call_timeout(
     lost leases that way); it now keeps them, connecting every member at once."""
     import time
 
-    endpoints, procs = _delaying_proxies(etcd1.endpoints * 3, 0.075)
+    proxies = [start_delay_proxy(etcd1.endpoints[0].removeprefix("http://"), 0.075)
+               for _ in range(3)]
+    endpoints = [f"http://127.0.0.1:{port}" for port, _ in proxies]
     failures: list[tuple[float, str]] = []
 
     async def run() -> float:
@@ -318,8 +292,9 @@ def test_a_far_etcd_is_used_though_connecting_outlasts_the_call_timeout(
     try:
         first_ok = asyncio.run(run())
     finally:
-        for p in procs:
-            p.kill()
+        for _, proc in proxies:
+            proc.kill()
+            proc.wait()
     assert first_ok < 1.5, failures
     assert not [f for f in failures if f[0] > first_ok], failures
 

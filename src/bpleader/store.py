@@ -532,13 +532,13 @@ class EtcdStore:
         except Exception as exc:
             explained = explain(exc)
             reason = explained.reason
-            if explained.kind is None and "no endpoint available" in reason.lower() \
-                    and self._last_reason:
+            no_member = "no endpoint available" in reason.lower()  # all failed lately
+            if explained.kind is None and no_member and self._last_reason:
                 reason = f"no etcd member usable; last error: {self._last_reason}"
             elif "client certificate" in reason:
                 s = self._settings
                 reason = f"{reason}; {cert_hint(s.cert, s.ca_cert)}"
-            if "no endpoint available" not in reason.lower():
+            if not no_member:
                 self._last_reason = reason
             if explained.kind in (TLS, AUTH):
                 # A fresh client re-reads the certificate files and logs in again.
@@ -549,7 +549,7 @@ class EtcdStore:
                 denied.failed(time.monotonic(), reason)
             elif _needs_reconnect(reason):
                 self._drop_client()
-            elif "no endpoint available" in explained.reason.lower():
+            elif no_member:
                 self._retry_members()
             raise StoreError(op, reason) from None
         self._backoff.succeeded()
