@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from bpleader.agent import Role
 from bpleader.simworld import Faults, Scenario, simulate
 from bpleader.simworld.runner import Job, explore, run_jobs
 from bpleader.simworld.runner import main as runner_main
+from bpleader.simworld.scenario import FAST_TIMING, Rounds
 from bpleader.simworld.variants import AGENTS
+from bpleader.simworld.world import World
 
 SUITE_SEEDS = range(0, 40)  # about 30 s on two cores
 JOBS = 2  # the CI machine's cores: seeds are independent processes
@@ -115,6 +118,47 @@ def test_virtual_time_never_stalls_on_clock_rounding() -> None:
     assert result.sim_seconds >= 900.0 or result.violations
 
 
+def _switchover_at(seed: int, savanna: bool, boundary: int, offset: float) -> tuple[int, bool]:
+    """A `--now` switchover requested ``offset`` s from the ``boundary``-th slot boundary
+    after the first leader's resume; returns our slots missed in the 6 s after it, and
+    whether the node asked for leads then."""
+    world = World(Scenario(seed=seed, duration=60.0, nodes=2, timing=FAST_TIMING,
+                           schedule=Rounds(4, 4), savanna=savanna, faults=None))
+    try:
+        def leader() -> str:
+            return next((n.name for n in world.nodes.values()
+                         if n.agent is not None and n.role == Role.LEADER), "")
+
+        while not leader():
+            world.run_until(world.loop.time() + 0.05)
+        first = int(world.loop.time() / 0.5) + 4  # a few slots after its first block
+        world.run_until((first + boundary) * 0.5 + offset)
+        missed, target = world.ledger.missed_slots, next(n for n in world.nodes if n != leader())
+        world.etcd.request_switchover(target, 10)
+        world.run_until(world.loop.time() + 6.0)
+        return world.ledger.missed_slots - missed, leader() == target
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("savanna", [True, False], ids=["savanna", "legacy"])
+def test_a_switchover_now_near_a_slot_boundary_misses_no_slot_of_ours(savanna: bool) -> None:
+    """Paused within the clock margin of a slot boundary, nodeos may have begun that
+    slot's block, so the handover counts it. When the slot was ours and the block never
+    came, the successor waited for a height only the other producer's next round signs:
+    our whole round was lost (1 trial in 10 of the chaos benchmark's switchover), or one
+    slot inside our round. The leader now pauses clear of every boundary. Seed 12 runs
+    bp-a's wall clock 44 ms ahead of the chain's."""
+    lost = []
+    for seed in (11, 12):
+        for boundary in range(8):  # each boundary of a round: 4 slots ours, 4 others'
+            for offset in (-0.12, -0.06, 0.0, 0.04):
+                missed, moved = _switchover_at(seed, savanna, boundary, offset)
+                if missed or not moved:
+                    lost.append((seed, boundary, offset, missed, moved))
+    assert not lost, lost
+
+
 def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() -> None:
     """Seed 5041: a new leader, cut from etcd right after its resume and killed 0.4 s
     later, never published a record of that term; the next leader resumed on a head
@@ -135,9 +179,11 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 # * unfenced-record (5212): the first form of that fix counted every slot of a long
 #   agent freeze as signed, though the guard had paused nodeos at once; the successor
 #   waited for heights the chain never reached. The count stops where the fences paused.
+#   Searched again as 40501 when planned pauses began to keep clear of slot boundaries.
 # * head-is-exact (6412): a leader's nodeos switched to the network's branch and re-signed
 #   a height below its own lost blocks, unseen by its agent; the handover read the head,
 #   ours, as exact. It is exact only when it extends the newest block we saw.
+#   Searched again as 41534 when planned pauses began to keep clear of slot boundaries.
 # * slow-kill (6889): a hung nodeos API with production going on; the guard retried the
 #   pause for 2 s before its kill command, and nodeos signed past the successor's bound.
 #   The guard kills after one pause call's timeout ("slow-kill" runs the old guard).
@@ -201,9 +247,11 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   last record); its nodeos had moved to the network's lower branch, so its next resign
 #   left #1353 and the successor re-signed #1355 and #1356. What the resume drops is
 #   owed to the node's records and its next handover.
+#   Searched again as 43245 (5 minutes, in a mix of more switchovers and p2p faults,
+#   variants.SCENARIOS) when planned pauses began to keep clear of slot boundaries.
 REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
-               (23071, 300.0, "unfenced-record", "liveness"),
-               (28493, 300.0, "head-is-exact", "double-production"),
+               (40501, 300.0, "unfenced-record", "liveness"),
+               (41534, 300.0, "head-is-exact", "double-production"),
                (27245, 300.0, "slow-kill", "double-production"),
                (21091, 300.0, "maintenance-unbounded", "double-production"),
                (20101, 300.0, "uncounted-gap", "double-production"),
@@ -213,7 +261,7 @@ REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (28888, 300.0, "skipped-slots", "double-production"),
                (31019, 300.0, "lib-three-behind", "double-production"),
                (5754, 900.0, "any-lease-fence", "liveness"),
-               (7271, 900.0, "lowered-handover", "double-production")]
+               (43245, 300.0, "lowered-handover", "double-production")]
 
 
 def test_the_seeds_the_long_runs_found_stay_fixed() -> None:

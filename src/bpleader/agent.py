@@ -57,6 +57,9 @@ PROPAGATION = 0.1
 # from this long before the slot ends (nodeos sends a block ahead of its slot's end).
 SLOT_END_POLL = 0.02
 SLOT_END_EARLY = 0.1
+# A planned pause is not sent closer than this before a slot boundary (see
+# _clear_of_slot_start): CLOCK_MARGIN, plus the time a pause call takes to be confirmed.
+PAUSE_SLACK = CLOCK_MARGIN + 0.05
 # A node taking over looks again this soon, for a second, when it waits for its head to
 # reach the previous leader's: that block is the last thing between it and its resume.
 TAKEOVER_POLL = 0.05
@@ -495,7 +498,7 @@ class Agent:
         if not self._continuity_ok(o):
             if o.now < self._won_at + self._takeover_wait() + 1.0:
                 self._tick_by = o.now + TAKEOVER_POLL  # the block is due any moment
-            return Role.TAKING_OVER, "waiting for the previous leader's head"
+            return Role.TAKING_OVER, self._continuity_wait(o)
         fresh = await self._fresh_info()
         if fresh is None:
             return Role.TAKING_OVER, "no fresh chain state before resuming"
@@ -518,6 +521,7 @@ class Agent:
             return await self._step_down(f"out of sync: {o.sync.reason}")
         if o.snap is not None and self._switchover_excludes_me(o.snap):
             self._resigned_for_switchover = True
+            await self._clear_of_slot_start()
             return await self._step_down(f"switchover to {o.snap.switchover or 'any node'}")
         if o.snap is not None and o.snap.switchover in (self.cfg.node, ""):
             await self._clear_switchover(o.snap.switchover)  # we are its new leader
@@ -778,6 +782,16 @@ class Agent:
             self._log("continuity_timeout", f"{why}; not resuming", logging.ERROR)
         return False
 
+    def _continuity_wait(self, o: Observation) -> str:
+        """Which part of layer 10 holds the takeover, in words that stay the same while
+        it does (the `waiting` line is logged once per change)."""
+        head = o.info.head_block_num if o.info else 0
+        if head < self._prev_leader_head:
+            return f"waiting for our head to reach the previous leader's #{self._prev_leader_head}"
+        if head < self._peer_head:
+            return f"waiting for our head to reach another node's #{self._peer_head}"
+        return "waiting for the LIB to follow our head"
+
     def _finality_flows(self, info: ChainInfo) -> bool:
         """Savanna: build only on a head whose branch the network is voting for (its LIB
         close behind). A branch without votes, such as an old leader's private one after
@@ -850,6 +864,25 @@ class Agent:
         if await self._pause_confirmed(reason, self.cfg.fence_guard):
             await self._release(reason)
         return Role.FOLLOWER, f"stepped down: {reason}"
+
+    async def _clear_of_slot_start(self) -> None:
+        """Before a planned pause: keep producing until no clock can be at a slot boundary.
+
+        Paused within CLOCK_MARGIN of a boundary, nodeos (whose clock may be that far from
+        ours either way) may have begun the new slot's block, so the handover has to count
+        it as signed. When that slot is ours and its block was never signed, the successor
+        waits for a height the chain reaches only when another producer signs it: the rest
+        of our round is lost (or, inside our round, that one slot). Once the boundary is
+        CLOCK_MARGIN behind us, the slot has begun on every clock: its block is ours,
+        signed, and the exact head we hand over. The pause is also kept PAUSE_SLACK clear
+        of the next boundary. Safe: we hold the lock and stay fenced while we wait (at
+        most 0.25 s), and the pause and the handover that follow are the same as ever.
+        """
+        into = self.clock.wall() % BLOCK_INTERVAL  # since the slot began, on our clock
+        if into < CLOCK_MARGIN:
+            await self.clock.sleep(CLOCK_MARGIN - into)
+        elif BLOCK_INTERVAL - into < PAUSE_SLACK:
+            await self.clock.sleep(BLOCK_INTERVAL - into + CLOCK_MARGIN)
 
     async def _doppelganger_alarm(self, info: ChainInfo) -> tuple[Role, str]:
         self.stats.doppelgangers += 1
@@ -1015,6 +1048,8 @@ class Agent:
     async def shutdown(self) -> bool:
         """Pause, confirm, then resign and revoke. Without confirmation, release nothing:
         the fence and the guard process act at the lease deadline instead."""
+        if self.role == Role.LEADER:
+            await self._clear_of_slot_start()
         if not await self._pause_confirmed("shutdown", self.cfg.shutdown_budget):
             self._log("shutdown", "pause not confirmed: leaving the lease to expire",
                       logging.ERROR)

@@ -1,4 +1,4 @@
-"""Lease renewals as messages on one kept ``LeaseKeepAlive`` stream.
+"""Lease renewals as messages on kept ``LeaseKeepAlive`` streams, hedged across members.
 
 ``pyetcd``'s ``refresh_lease`` opens a new gRPC stream for every renewal and closes it
 after the reply: for etcd each renewal is then a whole call (stream set-up, handler,
@@ -9,18 +9,34 @@ etcd's own Go client keeps one stream per client and sends each renewal on it; s
 A stream answers renewals in order, one reply each. A reply that arrives after its renewal
 timed out would be read as the reply to the *next* renewal, whose deadline would then be
 counted from a later send time than etcd's: a lease we believe alive longer than etcd
-does. So there is never more than one renewal in flight, and on any timeout or error the
-stream is thrown away; the next renewal opens a new one (on the next member when pyetcd
-has marked this one failed).
+does. So there is never more than one renewal in flight on a stream, and a stream whose
+renewal went unanswered when the renewal ended is thrown away.
+
+:class:`Renewals` sends each renewal to the member pyetcd uses, and, when no reply has
+come after a fraction of the timeout, to every other member too; the first reply wins.
+On a lossy link a lost TCP segment costs a retransmission timeout (200 ms at least on
+Linux), often more than the fast profile's whole call timeout: renewals on one member
+failed one after another, pyetcd then set each member aside for two seconds, and at 30 %
+loss the lease's fences fired though etcd was there all along. Every member renews the
+same lease (etcd forwards the renewal to its raft leader), so a reply from any of them is
+as good, and a renewal is safe to repeat. At rest the first member answers long before
+the hedge is due, and no extra request is sent.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
-_END = object()  # ends the request iterator, and so the stream
+_END = object()  # ends a request iterator, and so its stream
+# The hedge goes out when the member in use has not answered within this share of the
+# timeout, or within twice its usual answer time, whichever is later (a far etcd answers
+# slowly every time: hedging each renewal would only triple the load), and at the latest
+# when this share of the timeout is left for the others.
+HEDGE_SHARE = 1 / 3
+HEDGE_LATEST = 1 / 2
 
 
 class RenewalTimeout(Exception):
@@ -38,43 +54,120 @@ class RenewalTimeout(Exception):
 
 
 class RenewalStream:
-    """One lease's renewals on one open stream of one client."""
+    """One lease's renewals on one open stream to one member; replies go, tagged with
+    the stream, to a queue shared by the streams of one :class:`Renewals`."""
 
-    def __init__(self, client: Any, lease_id: int) -> None:
+    def __init__(self, client: Any, endpoint: Any, lease_id: int,
+                 replies: queue.SimpleQueue[tuple[RenewalStream, object]]) -> None:
         from pyetcd import etcdrpc
 
-        self.client, self.lease_id = client, lease_id
+        self.endpoint = endpoint
+        self.in_flight = False
         self._request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._replies = replies
         # No deadline on the stream itself: it lives across renewals; each renewal has its
-        # own timeout in renew().
-        self._call = client.leasestub.LeaseKeepAlive(
+        # own timeout in Renewals.renew().
+        self._call = etcdrpc.LeaseStub(endpoint.channel).LeaseKeepAlive(
             iter(self._requests.get, _END), credentials=client.call_credentials,
             metadata=client.metadata)
-        self.member = client.endpoint_in_use  # the stream follows pyetcd's failover
         self._reader = threading.Thread(target=self._read, name="etcd-renewals", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         try:
             for reply in self._call:
-                self._replies.put(reply)
-            self._replies.put(ConnectionError("etcd closed the keepalive stream"))
+                self._replies.put((self, reply))
+            self._replies.put((self, ConnectionError("etcd closed the keepalive stream")))
         except Exception as exc:  # a gRPC error: handed to the renewal waiting for it
-            self._replies.put(exc)
+            self._replies.put((self, exc))
+
+    def send(self) -> None:
+        self.in_flight = True
+        self._requests.put(self._request)
+
+    def close(self) -> None:
+        self.in_flight = False
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+class Renewals:
+    """Renewals of one lease through one pyetcd client, hedged across its members."""
+
+    def __init__(self, client: Any, lease_id: int) -> None:
+        self.client, self.lease_id = client, lease_id
+        self._streams: dict[int, RenewalStream] = {}  # by id() of the pyetcd endpoint
+        self._replies: queue.SimpleQueue[tuple[RenewalStream, object]] = queue.SimpleQueue()
+        self._usual = 0.0  # how long the member in use took to answer lately
+        self._lock = threading.Lock()
+        self.hedges = 0  # renewals that went to more than one member
 
     def renew(self, timeout: float) -> int:
         """Send one renewal and return the TTL etcd granted (0: the lease is gone)."""
-        self._requests.put(self._request)
+        started = time.monotonic()
+        deadline = started + timeout
+        hedge_at = started + min(max(timeout * HEDGE_SHARE, 2 * self._usual),
+                                 timeout * HEDGE_LATEST)
+        # Reading ``channel`` makes pyetcd pick its member: the one in use, or the next not
+        # set aside (it raises when every member is).
+        _ = self.client.channel
+        first = self.client.endpoint_in_use
+        waiting = [self._send(first)]
+        others = [e for e in self.client.endpoints.values() if e is not first]
+        failure: BaseException | None = None
         try:
-            reply = self._replies.get(timeout=timeout)
-        except queue.Empty:
-            raise RenewalTimeout(f"no keepalive reply within {timeout:g} s") from None
-        if isinstance(reply, BaseException):
-            raise reply
-        return int(reply.TTL)  # type: ignore[attr-defined]
+            while True:
+                now = time.monotonic()
+                if others and (now >= hedge_at or not any(s.in_flight for s in waiting)):
+                    self.hedges += 1
+                    waiting += [self._send(e) for e in others]
+                    others = []
+                if not any(s.in_flight for s in waiting):
+                    raise failure or RenewalTimeout("every member failed")
+                until = hedge_at if others else deadline
+                try:
+                    stream, reply = self._replies.get(timeout=max(0.0, until - now))
+                except queue.Empty:
+                    if not others:
+                        raise RenewalTimeout(
+                            f"no keepalive reply within {timeout:g} s") from None
+                    continue
+                if stream not in waiting or not stream.in_flight:
+                    continue  # from a stream closed earlier
+                stream.in_flight = False
+                if isinstance(reply, BaseException):
+                    failure = reply if stream.endpoint is first or failure is None \
+                        else failure
+                    self._drop(stream)
+                    continue
+                if stream.endpoint is first:
+                    self._usual = time.monotonic() - started
+                else:
+                    first.fail()  # pyetcd's next calls go to a member that answers
+                return int(reply.TTL)  # type: ignore[attr-defined]
+        finally:
+            for stream in waiting:
+                if stream.in_flight:  # its late reply must never answer the next renewal
+                    self._drop(stream)
+
+    def _send(self, endpoint: Any) -> RenewalStream:
+        with self._lock:
+            stream = self._streams.get(id(endpoint))
+            if stream is None:
+                stream = self._streams[id(endpoint)] = RenewalStream(
+                    self.client, endpoint, self.lease_id, self._replies)
+        stream.send()
+        return stream
+
+    def _drop(self, stream: RenewalStream) -> None:
+        with self._lock:
+            if self._streams.get(id(stream.endpoint)) is stream:
+                del self._streams[id(stream.endpoint)]
+        stream.close()
 
     def close(self) -> None:
-        self._requests.put(_END)
-        self._call.cancel()
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()

@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from bpleader.etcd_errors import AUTH, PERMISSION, TLS, Backoff, cert_hint, explain, grpc_status
-from bpleader.lease_stream import RenewalStream
+from bpleader.lease_stream import Renewals
 from bpleader.watch_stream import PrefixWatch, prefix_end
 
 log = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ class EtcdStore:
         self._denied: dict[str, Backoff] = {}
         self._last_reason = ""
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="etcd")
-        self._renewals: RenewalStream | None = None
+        self._renewals: Renewals | None = None
         self._renewals_lock = threading.Lock()
         self._on_change: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -514,8 +514,9 @@ class EtcdStore:
             _log_in(client, s.username, s.password, s.timeout)
         return client
 
-    def _call(self, op: str, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(client)`` and turn every failure into a :class:`StoreError`.
+    def _call(self, op: str, fn: Callable[[Any], T], tries: int = 0) -> T:
+        """Run ``fn(client)`` on up to ``tries`` members (0: each in turn) and turn every
+        failure into a :class:`StoreError`.
 
         After a TLS, authentication or permission failure the next attempts wait for a
         growing backoff (failing at once with the same reason meanwhile), so a refused
@@ -528,7 +529,7 @@ class EtcdStore:
             if wait > 0:
                 raise StoreError(op, f"{backoff.reason} (next try in {wait:.1f} s)")
         try:
-            result = self._on_some_member(fn)
+            result = self._on_some_member(fn, tries)
         except Exception as exc:
             explained = explain(exc)
             reason = explained.reason
@@ -557,14 +558,15 @@ class EtcdStore:
         self._last_reason = ""
         return result
 
-    def _on_some_member(self, fn: Callable[[Any], T]) -> T:
+    def _on_some_member(self, fn: Callable[[Any], T], tries: int = 0) -> T:
         """``fn(client)``, tried on the next member when a member is unreachable or too
-        slow (pyetcd marks it failed but does not retry): a one-shot command must not
-        fail because the member it drew is down, and a renewal must not wait for the next
-        tick to reach a member that answers. Every operation of this store is safe to
-        repeat (a create-if-absent, a compare-and-put, a keepalive, a read); a grant
-        repeated after a timeout may leave an unused lease, which expires after its TTL."""
-        tries = len(self._settings.endpoints)
+        slow (pyetcd marks it failed but does not retry), up to ``tries`` times (0: once per
+        member): a one-shot command must not fail because the member it drew is down.
+        Every operation of this store is safe to repeat (a create-if-absent, a
+        compare-and-put, a keepalive, a read); a grant repeated after a timeout may leave
+        an unused lease, which expires after its TTL. Renewals make one try: each is sent
+        to every member already when the first is slow (:class:`Renewals`)."""
+        tries = tries or len(self._settings.endpoints)
         for attempt in range(tries):
             if self._client is None:
                 self._client = self._connect()  # tries each member itself (_log_in)
@@ -599,9 +601,9 @@ class EtcdStore:
             except Exception:
                 pass
 
-    async def _run(self, op: str, fn: Callable[[Any], T]) -> T:
+    async def _run(self, op: str, fn: Callable[[Any], T], tries: int = 0) -> T:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._call, op, fn)
+        future = loop.run_in_executor(self._pool, self._call, op, fn, tries)
         try:
             # gRPC enforces the timeout of each try; the outer bound only guards against a
             # stuck thread.
@@ -616,33 +618,31 @@ class EtcdStore:
 
     async def keepalive(self, lease_id: int) -> int:
         def renew(c: Any) -> int:
-            stream = self._renewals_on(c, lease_id)
             try:
-                return stream.renew(self._settings.timeout)
+                return self._renewals_on(c, lease_id).renew(self._settings.timeout)
             except Exception as exc:
-                self._close_renewals()  # a late reply must never answer the next renewal
                 if callable(getattr(exc, "code", None)):
                     c._manage_grpc_errors(exc)  # marks a member down failed, as for a call
                 raise
 
-        return await self._run("keepalive", renew)
+        # One try: a renewal that got no reply has been sent to every member already.
+        return await self._run("keepalive", renew, tries=1)
 
-    def _renewals_on(self, client: Any, lease_id: int) -> RenewalStream:
+    def _renewals_on(self, client: Any, lease_id: int) -> Renewals:
         with self._renewals_lock:
             old = self._renewals
-            if old is not None and old.client is client and old.lease_id == lease_id \
-                    and old.member == client.endpoint_in_use:
+            if old is not None and old.client is client and old.lease_id == lease_id:
                 return old
             if old is not None:
                 old.close()
-            self._renewals = RenewalStream(client, lease_id)
+            self._renewals = Renewals(client, lease_id)
             return self._renewals
 
     def _close_renewals(self) -> None:
         with self._renewals_lock:
-            stream, self._renewals = self._renewals, None
-        if stream is not None:
-            stream.close()
+            renewals, self._renewals = self._renewals, None
+        if renewals is not None:
+            renewals.close()
 
     async def revoke(self, lease_id: int) -> None:
         self._close_renewals()

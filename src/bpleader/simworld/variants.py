@@ -353,4 +353,5 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "lib-three-behind": {"faults": _more(nodeos_desync=4, nodeos_slow_api=4,
                                          p2p_isolation=2)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
+    "lowered-handover": {"faults": _more(switchover=4, p2p_isolation=3, nodeos_slow_p2p=3)},
 }
