@@ -28,15 +28,18 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 _END = object()  # ends a request iterator, and so its stream
 # The hedge goes out when the member in use has not answered within this share of the
 # timeout, or within twice its usual answer time, whichever is later (a far etcd answers
 # slowly every time: hedging each renewal would only triple the load), and at the latest
-# when this share of the timeout is left for the others.
+# after this share of the timeout. Its usual answer time is the quickest of its last few:
+# one answer held up by a retransmission must not delay the next hedges.
 HEDGE_SHARE = 1 / 3
-HEDGE_LATEST = 1 / 2
+HEDGE_LATEST = 2 / 3
+USUAL_OF = 8
 
 
 class RenewalTimeout(Exception):
@@ -99,7 +102,8 @@ class Renewals:
         self.client, self.lease_id = client, lease_id
         self._streams: dict[int, RenewalStream] = {}  # by id() of the pyetcd endpoint
         self._replies: queue.SimpleQueue[tuple[RenewalStream, object]] = queue.SimpleQueue()
-        self._usual = 0.0  # how long the member in use took to answer lately
+        # How long the member in use took to answer, for its last USUAL_OF renewals.
+        self._answers: deque[float] = deque(maxlen=USUAL_OF)
         self._lock = threading.Lock()
         self.hedges = 0  # renewals that went to more than one member
 
@@ -107,7 +111,8 @@ class Renewals:
         """Send one renewal and return the TTL etcd granted (0: the lease is gone)."""
         started = time.monotonic()
         deadline = started + timeout
-        hedge_at = started + min(max(timeout * HEDGE_SHARE, 2 * self._usual),
+        usual = min(self._answers, default=0.0)
+        hedge_at = started + min(max(timeout * HEDGE_SHARE, 2 * usual),
                                  timeout * HEDGE_LATEST)
         # Reading ``channel`` makes pyetcd pick its member: the one in use, or the next not
         # set aside (it raises when every member is).
@@ -142,7 +147,7 @@ class Renewals:
                     self._drop(stream)
                     continue
                 if stream.endpoint is first:
-                    self._usual = time.monotonic() - started
+                    self._answers.append(time.monotonic() - started)
                 else:
                     first.fail()  # pyetcd's next calls go to a member that answers
                 return int(reply.TTL)  # type: ignore[attr-defined]
