@@ -13,14 +13,15 @@ does. So there is never more than one renewal in flight on a stream, and a strea
 renewal went unanswered when the renewal ended is thrown away.
 
 :class:`Renewals` sends each renewal to the member pyetcd uses, and, when no reply has
-come after a fraction of the timeout, to every other member too; the first reply wins.
-On a lossy link a lost TCP segment costs a retransmission timeout (200 ms at least on
-Linux), often more than the fast profile's whole call timeout: renewals on one member
-failed one after another, pyetcd then set each member aside for two seconds, and at 30 %
-loss the lease's fences fired though etcd was there all along. Every member renews the
-same lease (etcd forwards the renewal to its raft leader), so a reply from any of them is
-as good, and a renewal is safe to repeat. At rest the first member answers long before
-the hedge is due, and no extra request is sent.
+come soon (see HEDGE_FLOOR), to every other member too; the first reply wins. After a
+renewal that needed them, the next ones go to every member at once until the member in
+use answers quickly again. On a lossy link a lost TCP segment costs a retransmission
+timeout (200 ms at least on Linux), close to the fast profile's whole call timeout:
+renewals on one member failed one after another, pyetcd then set each member aside for
+two seconds, and at 30 % loss the lease's fences fired though etcd was there all along.
+Every member renews the same lease (etcd forwards the renewal to its raft leader), so a
+reply from any of them is as good, and a renewal is safe to repeat. At rest the member in
+use answers long before the hedge is due, and no extra request is sent.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ from collections import deque
 from typing import Any
 
 _END = object()  # ends a request iterator, and so its stream
-# The hedge goes out when the member in use has not answered within this share of the
-# timeout, or within twice its usual answer time, whichever is later (a far etcd answers
-# slowly every time: hedging each renewal would only triple the load), and at the latest
-# after this share of the timeout. Its usual answer time is the quickest of its last few:
-# one answer held up by a retransmission must not delay the next hedges.
-HEDGE_SHARE = 1 / 3
+# The hedge goes out when the member in use has not answered within HEDGE_USUALS times
+# its usual answer time, and no sooner than HEDGE_FLOOR (a far etcd answers slowly every
+# time: hedging each renewal would only triple the load), at the latest after
+# HEDGE_LATEST of the timeout. Its usual answer time is the quickest of its last USUAL_OF:
+# one answer held up by a retransmission must not delay the next hedges. After a renewal
+# that needed the other members (or failed), the next EAGER_FOR go to every member at
+# once, until the member in use answers quickly again: on a lossy link each copy has the
+# whole timeout for a retransmission.
+HEDGE_FLOOR = 0.05
+HEDGE_USUALS = 4
 HEDGE_LATEST = 2 / 3
 USUAL_OF = 8
+EAGER_FOR = 8
 
 
 class RenewalTimeout(Exception):
@@ -104,6 +110,7 @@ class Renewals:
         self._replies: queue.SimpleQueue[tuple[RenewalStream, object]] = queue.SimpleQueue()
         # How long the member in use took to answer, for its last USUAL_OF renewals.
         self._answers: deque[float] = deque(maxlen=USUAL_OF)
+        self._eager = 0  # renewals left to send to every member at once
         self._lock = threading.Lock()
         self.hedges = 0  # renewals that went to more than one member
 
@@ -112,12 +119,9 @@ class Renewals:
         started = time.monotonic()
         deadline = started + timeout
         usual = min(self._answers, default=0.0)
-        hedge_at = started + min(max(timeout * HEDGE_SHARE, 2 * usual),
-                                 timeout * HEDGE_LATEST)
-        # Reading ``channel`` makes pyetcd pick its member: the one in use, or the next not
-        # set aside (it raises when every member is).
-        _ = self.client.channel
-        first = self.client.endpoint_in_use
+        patience = min(max(HEDGE_FLOOR, HEDGE_USUALS * usual), timeout * HEDGE_LATEST)
+        hedge_at = started if self._eager else started + patience
+        first = self._first_member()
         waiting = [self._send(first)]
         others = [e for e in self.client.endpoints.values() if e is not first]
         failure: BaseException | None = None
@@ -142,19 +146,34 @@ class Renewals:
                     continue  # from a stream closed earlier
                 stream.in_flight = False
                 if isinstance(reply, BaseException):
-                    failure = reply if stream.endpoint is first or failure is None \
-                        else failure
+                    if stream.endpoint is first:
+                        first.fail()  # pyetcd's next calls go to another member
+                    failure = reply if stream.endpoint is first else failure or reply
                     self._drop(stream)
                     continue
+                took = time.monotonic() - started
                 if stream.endpoint is first:
-                    self._answers.append(time.monotonic() - started)
-                else:
-                    first.fail()  # pyetcd's next calls go to a member that answers
+                    self._answers.append(took)
+                quick = stream.endpoint is first and took < patience
+                self._eager = max(0, self._eager - 1) if quick else EAGER_FOR
                 return int(reply.TTL)  # type: ignore[attr-defined]
+        except BaseException:
+            self._eager = EAGER_FOR
+            raise
         finally:
             for stream in waiting:
                 if stream.in_flight:  # its late reply must never answer the next renewal
                     self._drop(stream)
+
+    def _first_member(self) -> Any:
+        """pyetcd's member for its next call (reading ``channel`` makes it pick: the one in
+        use, or the next it has not set aside). When it has set every member aside, the
+        one it used last: the renewal goes to the others too if that one is slow."""
+        try:
+            _ = self.client.channel
+        except Exception:  # pyetcd's NoServerAvailableError
+            pass
+        return self.client.endpoint_in_use
 
     def _send(self, endpoint: Any) -> RenewalStream:
         with self._lock:
