@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +91,23 @@ def start_delay_proxy(target: str, delay: float) -> tuple[int, subprocess.Popen[
         proc.kill()
         raise
     return port, proc
+
+
+@contextmanager
+def delay_proxies(target: str, delays: Iterable[float]) -> Iterator[list[int]]:
+    """One delaying proxy in front of ``target`` per delay; their ports, while in use."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        ports = []
+        for delay in delays:
+            port, proc = start_delay_proxy(target, delay)
+            started.append(proc)
+            ports.append(port)
+        yield ports
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
 
 
 def record_result(scenario: str, **figures: Any) -> None:

@@ -11,7 +11,7 @@ from bpleader.election import Session
 from bpleader.lease_stream import EAGER_FOR
 from bpleader.localetcd import EtcdCluster
 from bpleader.store import EtcdSettings, EtcdStore, Keys, NodeRecord, StoreError, parse_snapshot
-from harness import start_delay_proxy
+from harness import delay_proxies
 
 KEYS = Keys("/bpleader", "mybp")
 
@@ -269,13 +269,10 @@ def test_a_far_etcd_is_used_though_connecting_outlasts_the_call_timeout(
     lost leases that way); it now keeps them, connecting every member at once."""
     import time
 
-    proxies = [start_delay_proxy(etcd1.endpoints[0].removeprefix("http://"), 0.075)
-               for _ in range(3)]
-    endpoints = [f"http://127.0.0.1:{port}" for port, _ in proxies]
     failures: list[tuple[float, str]] = []
 
-    async def run() -> float:
-        store = EtcdStore(EtcdSettings(tuple(endpoints), 0.3), KEYS)
+    async def run(endpoints: tuple[str, ...]) -> float:
+        store = EtcdStore(EtcdSettings(endpoints, 0.3), KEYS)
         store.watch(lambda: None)
         start = time.monotonic()
         first_ok = float("inf")
@@ -296,12 +293,8 @@ def test_a_far_etcd_is_used_though_connecting_outlasts_the_call_timeout(
             store.close()
         return first_ok
 
-    try:
-        first_ok = asyncio.run(run())
-    finally:
-        for _, proc in proxies:
-            proc.kill()
-            proc.wait()
+    with delay_proxies(etcd1.endpoints[0].removeprefix("http://"), [0.075] * 3) as ports:
+        first_ok = asyncio.run(run(tuple(f"http://127.0.0.1:{port}" for port in ports)))
     assert first_ok < 1.5, failures
     assert not [f for f in failures if f[0] > first_ok], failures
 
@@ -336,12 +329,9 @@ def test_a_renewal_the_member_in_use_leaves_unanswered_is_answered_by_another(
     the first reply counts. Here the member in use answers 1.5 s late, every time."""
     import time
 
-    target = etcd1.endpoints[0].removeprefix("http://")
-    proxies = [start_delay_proxy(target, delay) for delay in (0.0, 1.5, 1.5)]
-    endpoints = tuple(f"http://127.0.0.1:{port}" for port, _ in proxies)
-    slow = {f"127.0.0.1:{port}" for port, _ in proxies[1:]}
-
-    async def run() -> tuple[list[float], int]:
+    async def run(ports: list[int]) -> tuple[list[float], int]:
+        endpoints = tuple(f"http://127.0.0.1:{port}" for port in ports)
+        slow = {f"127.0.0.1:{port}" for port in ports[1:]}
         store = EtcdStore(EtcdSettings(endpoints, 0.6), KEYS, retry_member_after=0.0)
         try:
             client = store._client = store._connect()
@@ -361,12 +351,8 @@ def test_a_renewal_the_member_in_use_leaves_unanswered_is_answered_by_another(
         finally:
             store.close()
 
-    try:
-        took, hedges = asyncio.run(run())
-    finally:
-        for _, proc in proxies:
-            proc.kill()
-            proc.wait()
+    with delay_proxies(etcd1.endpoints[0].removeprefix("http://"), [0.0, 1.5, 1.5]) as ports:
+        took, hedges = asyncio.run(run(ports))
     assert max(took) < 0.6, took
     assert hedges == 5
 

@@ -776,10 +776,8 @@ class Agent:
                 o.now > self._won_at + self.cfg.takeover_delay + self.cfg.continuity_timeout:
             self._continuity_reported = True
             self.stats.continuity_waits += 1
-            why = f"the LIB is more than {LIB_BLOCKS_NORMAL} blocks behind our head #{head}" \
-                if above else f"own head {head} still below the previous leader's " \
-                f"{self._prev_leader_head} or another node's {self._peer_head}"
-            self._log("continuity_timeout", f"{why}; not resuming", logging.ERROR)
+            self._log("continuity_timeout", f"{self._continuity_wait(o)} (our head #{head});"
+                      " not resuming", logging.ERROR)
         return False
 
     def _continuity_wait(self, o: Observation) -> str:

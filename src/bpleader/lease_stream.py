@@ -142,7 +142,7 @@ class Renewals:
                         raise RenewalTimeout(
                             f"no keepalive reply within {timeout:g} s") from None
                     continue
-                if stream not in waiting or not stream.in_flight:
+                if not stream.in_flight:
                     continue  # from a stream closed earlier
                 stream.in_flight = False
                 if isinstance(reply, BaseException):
