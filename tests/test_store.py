@@ -327,9 +327,7 @@ def test_a_renewal_the_member_in_use_leaves_unanswered_is_answered_by_another(
     timed out one after another and the fences fired (the chaos benchmark's 30 % loss).
     A renewal not answered within a share of the timeout now goes to every member, and
     the first reply counts. Here the member in use answers 1.5 s late, every time."""
-    import time
-
-    async def run(ports: list[int]) -> tuple[list[float], int]:
+    async def run(ports: list[int]) -> int:
         endpoints = tuple(f"http://127.0.0.1:{port}" for port in ports)
         slow = {f"127.0.0.1:{port}" for port in ports[1:]}
         store = EtcdStore(EtcdSettings(endpoints, 0.6), KEYS, retry_member_after=0.0)
@@ -339,21 +337,17 @@ def test_a_renewal_the_member_in_use_leaves_unanswered_is_answered_by_another(
             client._current_endpoint_label = next(m for m in client.endpoints if m not in slow)
             lease = await store.grant(5)
             client._current_endpoint_label = next(m for m in client.endpoints if m in slow)
-            took = []
-            for _ in range(5):
-                start = time.monotonic()
+            for _ in range(5):  # each raises if no reply came within the 0.6 s timeout
                 assert await store.keepalive(lease.id) > 0
-                took.append(time.monotonic() - start)
             assert store._renewals is not None
             # Still slow: the next renewals go to every member at once.
             assert store._renewals._eager == EAGER_FOR
-            return took, store._renewals.hedges
+            return store._renewals.hedges
         finally:
             store.close()
 
     with delay_proxies(etcd1.endpoints[0].removeprefix("http://"), [0.0, 1.5, 1.5]) as ports:
-        took, hedges = asyncio.run(run(ports))
-    assert max(took) < 0.6, took
+        hedges = asyncio.run(run(ports))
     assert hedges == 5
 
 
