@@ -70,10 +70,20 @@ class Session:
             self.remaining(now) > margin
 
     async def run(self) -> None:
-        """Grant, then renew every ``interval``; runs until cancelled."""
+        """Grant, then renew every ``interval``, counted from each attempt's *send*;
+        runs until cancelled.
+
+        Counting from the answer instead let a slow answer or a timed-out renewal push
+        the next try a whole interval later: at 30 % loss (fast profile: interval 0.3 s,
+        call timeout 0.3 s, fence 1.1 s after the last answered send) only two tries fit
+        before the fence, and a late answer then a lost renewal paused production with
+        etcd still reachable. From the send, a try that took its whole timeout is
+        followed by the next at once, and one that failed at once still waits.
+        """
         while True:
+            sent = self._clock.now()
             await self.step()
-            await self._clock.sleep(self._interval)
+            await self._clock.sleep(max(0.0, sent + self._interval - self._clock.now()))
 
     async def step(self) -> None:
         """One grant or renewal attempt."""
