@@ -6,11 +6,18 @@ tear-down), and at the fast profile's 0.3 s that alone was 3.3 calls per second 
 etcd's own Go client keeps one stream per client and sends each renewal on it; so does
 :class:`RenewalStream`.
 
-A stream answers renewals in order, one reply each. A reply that arrives after its renewal
-timed out would be read as the reply to the *next* renewal, whose deadline would then be
-counted from a later send time than etcd's: a lease we believe alive longer than etcd
-does. So there is never more than one renewal in flight on a stream, and a stream whose
-renewal went unanswered when the renewal ended is thrown away.
+A stream answers renewals in order, one reply each (etcd's handler reads a request,
+renews, sends the reply, then reads the next). A reply that arrives after its renewal
+ended, read as the reply to the *next* renewal, would count that renewal's deadline from
+a later send time than etcd's: a lease we believe alive longer than etcd does. So each
+stream counts the renewals it has sent and not yet seen answered, and a reply answers a
+renewal only when it is the reply to the stream's newest send, made by that renewal;
+earlier replies are skipped. A stream with MAX_PENDING renewals unanswered is thrown
+away. Keeping a stream whose copy was still unanswered when a renewal ended (instead of
+throwing it away, as this module first did) matters when copies go out: each renewal
+sent to every member used to close two streams and open two more, a gRPC call and two
+threads each, and under load (one host process running 200 agents in the scale run)
+that churn fed the very slowness that sends the copies.
 
 :class:`Renewals` sends each renewal to the member pyetcd uses, and, when no reply has
 come soon (see HEDGE_FLOOR), to every other member too; the first reply wins. After a
@@ -46,6 +53,8 @@ HEDGE_USUALS = 4
 HEDGE_LATEST = 2 / 3
 USUAL_OF = 8
 EAGER_FOR = 8
+# A stream holding this many unanswered renewals is closed and replaced by a fresh one.
+MAX_PENDING = 2
 
 
 class RenewalTimeout(Exception):
@@ -64,14 +73,20 @@ class RenewalTimeout(Exception):
 
 class RenewalStream:
     """One lease's renewals on one open stream to one member; replies go, tagged with
-    the stream, to a queue shared by the streams of one :class:`Renewals`."""
+    the stream, to a queue shared by the streams of one :class:`Renewals`.
+
+    ``pending`` and ``renewal`` belong to the thread that renews (sends and reads replies
+    off the queue); the reader thread only queues what the stream delivers.
+    """
 
     def __init__(self, client: Any, endpoint: Any, lease_id: int,
                  replies: queue.SimpleQueue[tuple[RenewalStream, object]]) -> None:
         from pyetcd import etcdrpc
 
         self.endpoint = endpoint
-        self.in_flight = False
+        self.pending = 0  # renewals sent on this stream whose reply has not been read
+        self.renewal = 0  # the renewal (Renewals' count) that sent the newest request
+        self.closed = False
         self._request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._replies = replies
@@ -91,12 +106,22 @@ class RenewalStream:
         except Exception as exc:  # a gRPC error: handed to the renewal waiting for it
             self._replies.put((self, exc))
 
-    def send(self) -> None:
-        self.in_flight = True
+    def send(self, renewal: int) -> None:
+        self.pending += 1
+        self.renewal = renewal
         self._requests.put(self._request)
 
+    def answers(self, renewal: int) -> bool:
+        """Count one reply read off this stream; True when it answers ``renewal``'s own
+        send (the stream's newest), False for the reply to an earlier one."""
+        self.pending -= 1
+        return self.pending == 0 and self.renewal == renewal
+
+    def waits_for(self, renewal: int) -> bool:
+        return not self.closed and self.pending > 0 and self.renewal == renewal
+
     def close(self) -> None:
-        self.in_flight = False
+        self.closed = True
         self._requests.put(_END)
         self._call.cancel()
 
@@ -112,27 +137,33 @@ class Renewals:
         self._answers: deque[float] = deque(maxlen=USUAL_OF)
         self._eager = 0  # renewals left to send to every member at once
         self._lock = threading.Lock()
+        self._renewal = 0  # renewals begun
         self.hedges = 0  # renewals that went to more than one member
+        self.late = 0  # replies skipped: each answered a renewal that had already ended
 
     def renew(self, timeout: float) -> int:
         """Send one renewal and return the TTL etcd granted (0: the lease is gone)."""
+        self._renewal += 1
+        renewal = self._renewal
         started = time.monotonic()
         deadline = started + timeout
         usual = min(self._answers, default=0.0)
         patience = min(max(HEDGE_FLOOR, HEDGE_USUALS * usual), timeout * HEDGE_LATEST)
         hedge_at = started if self._eager else started + patience
         first = self._first_member()
-        waiting = [self._send(first)]
+        waiting = [self._send(first, renewal)]
         others = [e for e in self.client.endpoints.values() if e is not first]
         failure: BaseException | None = None
         try:
             while True:
                 now = time.monotonic()
-                if others and (now >= hedge_at or not any(s.in_flight for s in waiting)):
+                in_flight = any(s.waits_for(renewal) for s in waiting)
+                if others and (now >= hedge_at or not in_flight):
                     self.hedges += 1
-                    waiting += [self._send(e) for e in others]
+                    waiting += [self._send(e, renewal) for e in others]
                     others = []
-                if not any(s.in_flight for s in waiting):
+                    in_flight = True
+                if not in_flight:
                     raise failure or RenewalTimeout("every member failed")
                 until = hedge_at if others else deadline
                 try:
@@ -142,14 +173,17 @@ class Renewals:
                         raise RenewalTimeout(
                             f"no keepalive reply within {timeout:g} s") from None
                     continue
-                if not stream.in_flight:
+                if stream.closed:
                     continue  # from a stream closed earlier
-                stream.in_flight = False
-                if isinstance(reply, BaseException):
-                    if stream.endpoint is first:
-                        first.fail()  # pyetcd's next calls go to another member
-                    failure = reply if stream.endpoint is first else failure or reply
+                if isinstance(reply, BaseException):  # the stream has ended
+                    if stream.waits_for(renewal):
+                        if stream.endpoint is first:
+                            first.fail()  # pyetcd's next calls go to another member
+                        failure = reply if stream.endpoint is first else failure or reply
                     self._drop(stream)
+                    continue
+                if not stream.answers(renewal):
+                    self.late += 1
                     continue
                 took = time.monotonic() - started
                 if stream.endpoint is first:
@@ -160,10 +194,6 @@ class Renewals:
         except BaseException:
             self._eager = EAGER_FOR
             raise
-        finally:
-            for stream in waiting:
-                if stream.in_flight:  # its late reply must never answer the next renewal
-                    self._drop(stream)
 
     def _first_member(self) -> Any:
         """pyetcd's member for its next call (reading ``channel`` makes it pick: the one in
@@ -175,13 +205,17 @@ class Renewals:
             pass
         return self.client.endpoint_in_use
 
-    def _send(self, endpoint: Any) -> RenewalStream:
+    def _send(self, endpoint: Any, renewal: int) -> RenewalStream:
         with self._lock:
             stream = self._streams.get(id(endpoint))
-            if stream is None:
+        if stream is not None and stream.pending >= MAX_PENDING:
+            self._drop(stream)  # its member has let renewals go unanswered: start afresh
+            stream = None
+        if stream is None:
+            with self._lock:
                 stream = self._streams[id(endpoint)] = RenewalStream(
                     self.client, endpoint, self.lease_id, self._replies)
-        stream.send()
+        stream.send(renewal)
         return stream
 
     def _drop(self, stream: RenewalStream) -> None:
