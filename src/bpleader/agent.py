@@ -1343,9 +1343,8 @@ class Agent:
         for rec in o.snap.lasts.values():
             # Only an agent that may produce keeps a last record (leading, taking over,
             # or in maintenance as leader), whatever role it names.
-            if rec.node == self.cfg.node or not rec.valid \
-                    or o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5:
-                continue  # ours, unreadable, or of an older term
+            if rec.node == self.cfg.node or not rec.valid or self._unboundable(o, rec):
+                continue
             left = o.snap.handovers.get(rec.node, 0)
             if self._exact_handover(o.snap, rec.node) and left >= rec.head_block_num:
                 continue  # it resigned with nodeos paused: its handover head is exact
@@ -1357,6 +1356,19 @@ class Agent:
                 await self.store.leave_handover(rec.node, bound, by=self.cfg.node)
             except StoreError as exc:
                 self._etcd_error(exc)
+
+    def _unboundable(self, o: Observation, rec: NodeRecord) -> bool:
+        """A last record with no fence promise, older than a few TTLs: of an older term,
+        or from older code; its bound would grow with its age for ever.
+
+        However old, a record that promises a fence time is bounded: its bound stops
+        growing at that promise, and one a later leader of ours superseded lies below
+        the blocks we saw of that leader, so it costs no wait. Skipping every record
+        older than a few TTLs re-signed a private branch (seeds 60160, 60291): a leader
+        cut from p2p went into maintenance and was killed; no node of ours led after
+        it, and the first winner came 11 s and 16 s after its last record.
+        """
+        return rec.fence_at is None and o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5
 
     @staticmethod
     def _exact_handover(snap: Snapshot, node: str) -> bool:

@@ -284,6 +284,14 @@ class MaintenanceUnboundedAgent(Agent):
             await super()._bound_vanished_leader(o)
 
 
+class OldRecordSkippedAgent(Agent):
+    """Skips every last record older than a few TTLs, promise or not, as before seed
+    60160."""
+
+    def _unboundable(self, o: Observation, rec: NodeRecord) -> bool:
+        return o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5
+
+
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
@@ -315,6 +323,7 @@ AGENTS: dict[str, AgentFactory] = {
     "skipped-slots": SkippedSlotsAgent,
     "lib-three-behind": LibThreeBehindAgent,
     "lowered-handover": LoweredHandoverAgent,
+    "old-record-skipped": OldRecordSkippedAgent,
 }
 
 
@@ -354,4 +363,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
                                          p2p_isolation=2)},
     "no-doppelganger-no-mark": {"faults": _more(nodeos_api_hang=4)},
     "lowered-handover": {"faults": _more(switchover=4, p2p_isolation=3, nodeos_slow_p2p=3)},
+    "old-record-skipped": {"faults": _more(maintenance=8, p2p_isolation=3,
+                                           store_partition=2)},
 }
