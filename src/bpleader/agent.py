@@ -1434,9 +1434,9 @@ class Agent:
             return self._trusted_bound(o, rec)
         # Blocks after a block time come every slot; after a record's time, from the next
         # slot boundary on.
-        bounds = [rec.head_block_num + math.ceil(max(0.0, last - rec.updated) / BLOCK_INTERVAL)]
+        bounds = [self._from_record(rec, last)]
         if seen_h:
-            bounds.append(seen_h + math.floor(max(0.0, last - seen_t) / BLOCK_INTERVAL))
+            bounds.append(self._from_seen(rec, seen_h, seen_t, last))
         bound = min(bounds)
         if bound > self._prev_leader_head:
             self._prev_leader_head = bound
@@ -1445,6 +1445,23 @@ class Agent:
             self._log("continuity", f"{rec.node} left no handover ({why}); it may have "
                       f"signed up to #{bound} unseen: resuming above it")
         return bound
+
+    @staticmethod
+    def _from_record(rec: NodeRecord, until: float) -> int:
+        """The highest height it may have signed by ``until``, from its last record: its
+        head then, and one block per slot from the next slot boundary on."""
+        return rec.head_block_num + math.ceil(max(0.0, until - rec.updated) / BLOCK_INTERVAL)
+
+    def _from_seen(self, rec: NodeRecord, seen_h: int, seen_t: float, last: float) -> int:
+        """The same from its newest block we saw: one block per slot after it, and never
+        below what its record allows up to that block's time. A Savanna nodeos keeps no
+        watermark (Spring updates it for pre-Savanna blocks only): back on the network's
+        lower branch after signing on its own, it signs heights below those it signed
+        before. Seed 66177: a leader cut from p2p, its agent frozen, signed up to #364
+        alone, rejoined the network at #358 and signed #359 to #361 there; counted from
+        #361, its successor resumed above #362 and re-signed #364."""
+        return max(seen_h + math.floor(max(0.0, last - seen_t) / BLOCK_INTERVAL),
+                   self._from_record(rec, seen_t))
 
     def _promise_at(self, o: Observation) -> float | None:
         """While we may produce, the fence time this record promises (wall time)."""

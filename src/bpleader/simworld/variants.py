@@ -15,7 +15,7 @@ import math
 from bpleader.agent import Agent, AgentSettings, Fencer, Nodeos, Observation, Role
 from bpleader.clock import Clock
 from bpleader.finalizer import KeySwitcher
-from bpleader.nodeos import ChainInfo, SyncEvaluator
+from bpleader.nodeos import BLOCK_INTERVAL, ChainInfo, SyncEvaluator
 from bpleader.simworld.scenario import DEFAULT_WEIGHTS, Faults
 from bpleader.simworld.world import AgentFactory
 from bpleader.store import Candidate, NodeRecord, Snapshot, Store
@@ -292,6 +292,14 @@ class OldRecordSkippedAgent(Agent):
         return o.wall - rec.updated > 2 * self.cfg.lease_ttl + 5
 
 
+class SeenBlockOnlyAgent(Agent):
+    """Counts a vanished leader's possible heights from its newest block seen alone, as
+    before seed 66177."""
+
+    def _from_seen(self, rec: NodeRecord, seen_h: int, seen_t: float, last: float) -> int:
+        return seen_h + math.floor(max(0.0, last - seen_t) / BLOCK_INTERVAL)
+
+
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
     "no-fence": NoFenceAgent,
@@ -324,6 +332,7 @@ AGENTS: dict[str, AgentFactory] = {
     "lib-three-behind": LibThreeBehindAgent,
     "lowered-handover": LoweredHandoverAgent,
     "old-record-skipped": OldRecordSkippedAgent,
+    "seen-block-only": SeenBlockOnlyAgent,
 }
 
 
@@ -365,4 +374,5 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "lowered-handover": {"faults": _more(switchover=4, p2p_isolation=3, nodeos_slow_p2p=3)},
     "old-record-skipped": {"faults": _more(maintenance=8, p2p_isolation=3,
                                            store_partition=2)},
+    "seen-block-only": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
 }
