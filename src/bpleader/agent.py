@@ -1428,7 +1428,8 @@ class Agent:
         losing_votes = self.sync.savanna and rec.lib_lag is not None \
             and rec.lib_lag > LIB_LAG_NORMAL
         if not losing_votes and seen_h and last - seen_t <= slack and self._current(o, last) \
-                and self._unbroken(o, seen_h, seen_t):
+                and self._unbroken(o, seen_h, seen_t) \
+                and not self._left_branch_possible(rec, seen_h, seen_t):
             # Its blocks reached us until it must have stopped, and our chain is current
             # to then: our head has them all (or will by our resume, a slot later).
             return self._trusted_bound(o, rec)
@@ -1451,6 +1452,15 @@ class Agent:
         """The highest height it may have signed by ``until``, from its last record: its
         head then, and one block per slot from the next slot boundary on."""
         return rec.head_block_num + math.ceil(max(0.0, until - rec.updated) / BLOCK_INTERVAL)
+
+    def _left_branch_possible(self, rec: NodeRecord, seen_h: int, seen_t: float) -> bool:
+        """Whether it may have signed, between its last record and its newest block we saw,
+        on a branch higher than that block's (see _from_seen). Not when the record is the
+        newer (its head holds all it signed by then), nor when our chain grew by a block
+        in every slot between (the record's head may already hold the block stamped at
+        the next boundary: one more is allowed): for such a branch to top the block
+        seen, it needs two slots more than the network got meanwhile."""
+        return seen_t > rec.updated and self._from_record(rec, seen_t) > seen_h + 1
 
     def _from_seen(self, rec: NodeRecord, seen_h: int, seen_t: float, last: float) -> int:
         """The same from its newest block we saw: one block per slot after it, and never

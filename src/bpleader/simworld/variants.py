@@ -299,6 +299,9 @@ class SeenBlockOnlyAgent(Agent):
     def _from_seen(self, rec: NodeRecord, seen_h: int, seen_t: float, last: float) -> int:
         return seen_h + math.floor(max(0.0, last - seen_t) / BLOCK_INTERVAL)
 
+    def _left_branch_possible(self, rec: NodeRecord, seen_h: int, seen_t: float) -> bool:
+        return False
+
 
 AGENTS: dict[str, AgentFactory] = {
     "real": Agent,
