@@ -87,7 +87,8 @@ ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record",
                      "uncounted-resume", "uncounted-gap", "unfinalized-branch",
                      "trusted-bound", "unblocked-at-once", "unsent-handover", "skipped-slots",
                      "lib-three-behind", "lowered-handover", "left-branch", "any-lease-fence",
-                     "left-branch-to-now", "old-record-skipped", "seen-block-only"}
+                     "left-branch-to-now", "old-record-skipped", "seen-block-only",
+                     "unowed-lost-handover"}
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"real"} - ON_THEIR_OWN_SEED
@@ -262,6 +263,13 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   no watermark). Counting from #361, the newest block of it seen, its successor
 #   resumed above #362 and re-signed #364. The count from the newest block seen never
 #   goes below what the last record allows up to that block's time.
+# * unowed-lost-handover (76007, found by the real agent in the search for
+#   lib-three-behind's new seed): a leader cut from p2p was killed; its nodeos signed up
+#   to #128 on its own branch before the guard paused it. The restarted agent counted
+#   #131 for its previous incarnation, but etcd was cut off; the count was spent, and the
+#   next try left its nodeos's head, #126 on the network's branch by then. A handover
+#   left after a lost lease now owes what a failed write tried to leave, as a resign
+#   does (the agent of unsent-handover, which forgets both, on this seed's fault mix).
 REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (40501, 300.0, "unfenced-record", "liveness"),
                (41534, 300.0, "head-is-exact", "double-production"),
@@ -276,7 +284,8 @@ REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
                (5754, 900.0, "any-lease-fence", "liveness"),
                (43245, 300.0, "lowered-handover", "double-production"),
                (60160, 300.0, "old-record-skipped", "double-production"),
-               (66177, 300.0, "seen-block-only", "double-production")]
+               (66177, 300.0, "seen-block-only", "double-production"),
+               (76007, 300.0, "unowed-lost-handover", "double-production")]
 
 
 def test_the_seeds_the_long_runs_found_stay_fixed() -> None:

@@ -743,6 +743,11 @@ class Agent:
         try:
             await self.store.leave_handover(self.cfg.node, head)
         except StoreError as exc:
+            # The count is spent: the next try must leave no less (seed 76007: a restarted
+            # agent counted #131 for its previous incarnation, etcd was cut off, and the
+            # next try left its nodeos's head #126, back on the network's branch after
+            # signing #128 on its own; the successor re-signed #128).
+            self._owed_handover = max(self._owed_handover, head)
             self._etcd_error(exc)
             return
         finally:

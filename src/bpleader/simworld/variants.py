@@ -336,6 +336,9 @@ AGENTS: dict[str, AgentFactory] = {
     "lowered-handover": LoweredHandoverAgent,
     "old-record-skipped": OldRecordSkippedAgent,
     "seen-block-only": SeenBlockOnlyAgent,
+    # The same weakening, on the path of seed 76007 (a handover lost on the way for a
+    # previous incarnation, not a resign): see SCENARIOS.
+    "unowed-lost-handover": UnsentHandoverAgent,
 }
 
 
@@ -378,4 +381,6 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "old-record-skipped": {"faults": _more(maintenance=8, p2p_isolation=3,
                                            store_partition=2)},
     "seen-block-only": {"faults": _more(nodeos_api_hang=4, p2p_isolation=3)},
+    "unowed-lost-handover": {"faults": _more(nodeos_desync=4, nodeos_slow_api=4,
+                                             p2p_isolation=2)},
 }
