@@ -81,7 +81,8 @@ CAUGHT_BY = {"no-key-switch": {"liveness"}}
 # Not in the catch-within-N-seeds test: the shared key (its own test below), the fixes
 # the long runs called for (checked on their seeds, REGRESSIONS), two of them made on
 # purpose instead (uncounted-resume, unblocked-at-once: tests/test_agent_core.py), and
-# two no seed reaches any more and no test checks (left-branch, left-branch-to-now).
+# six no seed reaches any more and no test checks (left-branch, left-branch-to-now,
+# uncounted-gap, lib-three-behind, lowered-handover, any-lease-fence: see REGRESSIONS).
 ON_THEIR_OWN_SEED = {"shared-bls-key", "nodeos-head-record", "unfenced-record",
                      "head-is-exact", "slow-kill", "maintenance-unbounded",
                      "uncounted-resume", "uncounted-gap", "unfinalized-branch",
@@ -270,19 +271,26 @@ def test_a_leader_killed_right_after_resuming_is_bounded_by_its_last_record() ->
 #   next try left its nodeos's head, #126 on the network's branch by then. A handover
 #   left after a lost lease now owes what a failed write tried to leave, as a resign
 #   does (the agent of unsent-handover, which forgets both, on this seed's fault mix).
-REGRESSIONS = [(27198, 300.0, "nodeos-head-record", "double-production"),
-               (40501, 300.0, "unfenced-record", "liveness"),
-               (41534, 300.0, "head-is-exact", "double-production"),
-               (27245, 300.0, "slow-kill", "double-production"),
-               (21091, 300.0, "maintenance-unbounded", "double-production"),
-               (20101, 300.0, "uncounted-gap", "double-production"),
+# When the lease session began to renew on a cadence counted from each send (d08c2ca),
+# every renewal moved by the answer's time, and with it every trace: eleven of the seeds
+# above no longer reached their paths, and each was searched again (the numbers below
+# from 44073 on). Those searches ran the real agent on each weakened agent's failing
+# seeds, and it failed itself on three paths no seed had reached before (60160, 66177,
+# 76007): fixed, each kept as a pair with a variant of its own. Four searches found
+# nothing on the final code, in their own fault mixes: uncounted-gap, lib-three-behind
+# and lowered-handover in about 840 seeds of 5 minutes each, any-lease-fence in 7
+# minutes of 15-minute seeds (its first seed failed liveness with the real agent too:
+# no pair). They are not checked on a seed any more (like left-branch); their layers
+# stand, and the long runs still exercise them.
+REGRESSIONS = [(44073, 300.0, "nodeos-head-record", "double-production"),
+               (100046, 300.0, "unfenced-record", "liveness"),
+               (52655, 300.0, "head-is-exact", "double-production"),
+               (56062, 300.0, "slow-kill", "double-production"),
+               (60372, 300.0, "maintenance-unbounded", "double-production"),
                (21296, 300.0, "unfinalized-branch", "double-production"),
-               (25220, 300.0, "trusted-bound", "double-production"),
-               (28834, 300.0, "unsent-handover", "double-production"),
+               (68145, 300.0, "trusted-bound", "double-production"),
+               (72424, 300.0, "unsent-handover", "double-production"),
                (28888, 300.0, "skipped-slots", "double-production"),
-               (31019, 300.0, "lib-three-behind", "double-production"),
-               (5754, 900.0, "any-lease-fence", "liveness"),
-               (43245, 300.0, "lowered-handover", "double-production"),
                (60160, 300.0, "old-record-skipped", "double-production"),
                (66177, 300.0, "seen-block-only", "double-production"),
                (76007, 300.0, "unowed-lost-handover", "double-production")]
