@@ -9,7 +9,7 @@ import pytest
 
 from bpleader.clock import SystemClock
 from bpleader.election import Session
-from bpleader.lease_stream import EAGER_FOR
+from bpleader.lease_stream import EAGER_FOR, Renewals
 from bpleader.localetcd import EtcdCluster
 from bpleader.simworld.loop import SimLoop
 from bpleader.store import (
@@ -275,6 +275,14 @@ def test_renewals_are_messages_on_one_kept_stream(etcd1: EtcdCluster) -> None:
     assert handled <= 1  # the stream of a first renewal counts once when it ends
 
 
+async def _renewing(store: EtcdStore, ttl: int) -> tuple[Lease, Renewals]:
+    """A lease with one answered renewal, and the store's renewals of it."""
+    lease = await store.grant(ttl)
+    assert await store.keepalive(lease.id) == ttl
+    assert store._renewals is not None
+    return lease, store._renewals
+
+
 def test_a_renewal_that_times_out_never_answers_the_next(etcd1: EtcdCluster) -> None:
     """Replies on a stream come in order: had the timed-out renewal's late reply been read
     as the next renewal's, its deadline would count from the later send. The stream is
@@ -289,10 +297,7 @@ def test_a_renewal_that_times_out_never_answers_the_next(etcd1: EtcdCluster) -> 
     async def scenario() -> None:
         store = store_for(etcd1)
         try:
-            lease = await store.grant(10)
-            assert await store.keepalive(lease.id) == 10
-            renewals = store._renewals
-            assert renewals is not None
+            lease, renewals = await _renewing(store, 10)
             first = list(renewals._streams.values())
             assert len(first) == 1
             os.kill(member.proc.pid, signal.SIGSTOP)
@@ -451,10 +456,7 @@ def test_renewals_sent_to_every_member_keep_their_streams(etcd3: EtcdCluster) ->
     async def run() -> tuple[list[set[int]], int]:
         store = store_for(etcd3)
         try:
-            lease = await store.grant(5)
-            assert await store.keepalive(lease.id) == 5
-            renewals = store._renewals
-            assert renewals is not None
+            lease, renewals = await _renewing(store, 5)
             renewals._eager = EAGER_FOR
             seen: list[set[int]] = []
             for _ in range(5):
